@@ -1,0 +1,320 @@
+"""Typed configuration: dataclass schemas registered with Hydra, and their validation.
+
+Every default lives here, one per line with its meaning and unit. The YAML files
+in ``trainer/conf/`` (linked as ``conf/`` at the top of the repository) pick
+values per group; Hydra merges them into these schemas, which rejects wrong
+types. ``check_overrides`` and ``validate`` add what Hydra does not check (case
+C11): keys added with ``+``, ``experiment=`` without ``+``, unknown experiments,
+value ranges, with the nearest valid name suggested.
+
+Only this module and ``__main__`` know Hydra.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from .data import DATA_KINDS
+from .models import INITIALIZERS
+from .optim import OPTIMIZERS, SCHEDULES
+
+__all__ = ["Config", "ModelConfig", "DataConfig", "OptimConfig", "TrainerConfig",
+           "TrackingConfig", "ConfigError", "CONF_DIR", "register_configs", "check_overrides",
+           "validate", "to_config"]
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+GROUPS = ("model", "data", "optim", "trainer", "tracking")
+
+
+class ConfigError(ValueError):
+    """A configuration the service cannot run; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "mlp"                  # "mlp" (tanh MLP) or "tied" (tanh(Θ·tanh(Θ·h)), one Θ)
+    hidden: list[int] = field(default_factory=lambda: [64, 64])  # mlp: hidden widths
+    tied_hidden: bool = False          # mlp: one square kernel shared by hidden-to-hidden layers
+    width: int = 64                    # tied: n, the side of the square Θ (n² parameters)
+    init: str = "lecun_normal"         # "lecun_normal" | "glorot_normal" | "normal"
+    init_scale: float = 1.0            # stddev of the "normal" initializer
+
+
+@dataclass
+class DataConfig:
+    kind: str = "diabetes"             # "seed" | "diabetes" | "digits" | "csv"
+    path: Optional[str] = None         # csv: path of the table (relative to the launch dir)
+    target: list[str] = field(default_factory=list)  # csv: column(s) to predict
+    features: Optional[list[str]] = None  # csv: feature columns (None = all but the target)
+    task: str = "auto"                 # csv: "regression" | "classification" | "auto" (regression)
+    val_fraction: float = 0.15         # share of rows held out for validation
+    test_fraction: float = 0.15        # share of rows held out for the final test
+    standardize: bool = True           # z-score features (and regression targets) on train stats
+    batch_size: int = 64               # rows per step (clamped to the training rows)
+    seed_width: int = 100              # seed: n, the size of x and of Θ
+    seed_x_key: int = 1                # seed: x = normal(PRNGKey(seed_x_key), (n,))
+    seed_y_key: int = 2                # seed: y = normal(PRNGKey(seed_y_key), ())
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"                 # "sgd" | "momentum" | "adam" | "adamw"
+    learning_rate: float = 1e-3        # peak learning rate
+    momentum: float = 0.9              # momentum: heavy-ball coefficient
+    weight_decay: float = 1e-4         # adamw: decoupled weight decay per step (x learning rate)
+    schedule: str = "constant"         # "constant" | "cosine" | "warmup_cosine"
+    warmup_steps: int = 0              # warmup_cosine: steps of linear warm-up from 0
+    final_lr_fraction: float = 0.0     # cosine schedules: final rate / peak rate
+    clip_norm: Optional[float] = None  # clip the gradient's global L2 norm to this (None = off)
+
+
+@dataclass
+class TrainerConfig:
+    num_steps: int = 2000              # optimizer updates in the run
+    steps_per_call: int = 100          # steps per compiled lax.scan call (one host sync each)
+    log_every_steps: int = 1           # keep train metrics of every N-th step
+    eval_every_steps: int = 100        # validation loss every N steps (and after the last)
+    on_nonfinite: str = "stop"         # "stop": end FAILED at the first NaN/inf loss;
+                                       # "skip": drop such updates and go on
+    progress: bool = True              # show a progress bar on the console
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None          # MLflow tracking URI (None: $MLFLOW_TRACKING_URI, else
+                                       # sqlite:///<launch dir>/mlruns/mlflow.db)
+    experiment_name: Optional[str] = None  # None: the +experiment name
+    run_name: Optional[str] = None     # None: "<experiment>-<model>-<time>"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    seed: int = 0                      # PRNG seed: init, split, shuffling
+
+
+def register_configs() -> None:
+    """Register the schema as ``base_config`` in Hydra's ConfigStore."""
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+# --- names the user may write ------------------------------------------------------------
+
+def experiment_names() -> list[str]:
+    """The experiments shipped in ``conf/experiment/``."""
+    return sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _schema_fields(schema) -> dict[str, Any]:
+    return typing.get_type_hints(schema)
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _resolve_key(dotted: str) -> tuple[Any, str]:
+    """Return the type of a dotted schema key, or raise ConfigError with a suggestion."""
+    parts = dotted.split(".")
+    node: Any = Config
+    path = []
+    for part in parts:
+        if not (isinstance(node, type) and is_dataclass(node)):
+            raise ConfigError(f"unknown config key {dotted!r}: {'.'.join(path)} has no sub-keys")
+        hints = _schema_fields(node)
+        if part not in hints:
+            prefix = ".".join(path + [""])
+            valid = [prefix + name for name in hints]
+            raise ConfigError(f"unknown config key {dotted!r}{_suggest(dotted, valid)} "
+                              f"(valid keys here: {', '.join(valid)})")
+        node = hints[part]
+        path.append(part)
+    return node, dotted
+
+
+# --- checks on the command line, before Hydra composes ---------------------------------
+
+def check_overrides(overrides: list[str]) -> None:
+    """Check command-line overrides against the schema before Hydra runs (case C11).
+
+    Catches what Hydra accepts silently (``+trainer.typo=1``), what it words
+    cryptically (``experiment=x`` without ``+``, an unknown experiment, a key
+    misspelled) and values of the wrong type, with the nearest valid name.
+
+    Raises:
+      ConfigError: naming the override and the fix.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as err:
+        raise ConfigError(f"cannot parse the overrides: {' '.join(str(err).split())}") from None
+    for ov in parsed:
+        key = ov.key_or_group
+        text = ov.input_line
+        if key == "hydra" or key.startswith("hydra."):
+            continue
+        if key == "experiment":
+            if ov.type.name == "CHANGE":
+                raise ConfigError(f"{text!r}: experiments are added with a plus sign: "
+                                  f"+experiment={_first_value(ov)}")
+            _check_choices(ov, "experiment", experiment_names(), plus=True)
+            continue
+        if key in GROUPS:
+            _check_choices(ov, key, group_options(key), plus=False)
+            continue
+        if ov.is_delete():
+            raise ConfigError(f"{text!r}: keys of the schema cannot be deleted; "
+                              "set them to a value instead")
+        expected, _ = _resolve_key(key)
+        for value in _values(ov):
+            _check_type(key, value, expected)
+
+
+def _first_value(ov) -> str:
+    values = list(_values(ov))
+    return str(values[0]) if values else "NAME"
+
+
+def _values(ov):
+    if ov.is_sweep_override():
+        if ov.is_choice_sweep() or ov.is_range_sweep():
+            return list(ov.sweep_iterator())
+        return []  # interval sweeps are sampled by a sweeper plugin, not checked here
+    return [ov.value()]
+
+
+def _check_choices(ov, group: str, options: list[str], *, plus: bool) -> None:
+    for value in _values(ov):
+        if not isinstance(value, str) or value not in options:
+            hint = _suggest(str(value), options)
+            raise ConfigError(f"{ov.input_line!r}: no {group} named {value!r}{hint} "
+                              f"(choose one of: {', '.join(options)})")
+
+
+def _check_type(key: str, value: Any, expected) -> None:
+    if isinstance(value, str) and "${" in value:
+        return  # an interpolation: checked after Hydra resolves it
+    if not _type_ok(value, expected):
+        raise ConfigError(f"{key}={value!r}: expected {_type_name(expected)}, "
+                          f"got {type(value).__name__} {value!r}")
+
+
+def _type_ok(value: Any, expected) -> bool:
+    origin = typing.get_origin(expected)
+    if origin is typing.Union:
+        return any(_type_ok(value, arg) for arg in typing.get_args(expected))
+    if expected is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(expected)
+        return isinstance(value, (list, ListConfig)) and all(_type_ok(v, item) for v in value)
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is str:
+        return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+    return True
+
+
+def _type_name(expected) -> str:
+    origin = typing.get_origin(expected)
+    if origin is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(expected))
+    if expected is type(None):
+        return "null"
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(expected)[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false",
+            str: "a string"}.get(expected, str(expected))
+
+
+# --- checks on the composed config -------------------------------------------------------
+
+def validate(cfg: DictConfig) -> None:
+    """Check the composed config: every key in the schema, every value in range.
+
+    Raises:
+      ConfigError: naming the key, the bad value and what is allowed.
+    """
+    _check_keys(OmegaConf.to_container(cfg, resolve=False), Config, "")
+    c = to_config(cfg)
+    _choice("model.kind", c.model.kind, ("mlp", "tied"))
+    _choice("model.init", c.model.init, INITIALIZERS)
+    _choice("data.kind", c.data.kind, DATA_KINDS)
+    _choice("data.task", c.data.task, ("auto", "regression", "classification"))
+    _choice("optim.name", c.optim.name, OPTIMIZERS)
+    _choice("optim.schedule", c.optim.schedule, SCHEDULES)
+    _choice("trainer.on_nonfinite", c.trainer.on_nonfinite, ("stop", "skip"))
+    for key in ("trainer.num_steps", "trainer.steps_per_call", "trainer.log_every_steps",
+                "trainer.eval_every_steps", "data.batch_size", "model.width", "data.seed_width"):
+        group, name = key.split(".")
+        _positive(key, getattr(getattr(c, group), name))
+    if not c.model.hidden or any(h <= 0 for h in c.model.hidden):
+        raise ConfigError(f"model.hidden={list(c.model.hidden)}: give one or more positive widths")
+    if c.model.tied_hidden and len(set(c.model.hidden)) != 1:
+        raise ConfigError(f"model.tied_hidden=true needs equal hidden widths, got "
+                          f"model.hidden={list(c.model.hidden)}")
+    _positive("optim.learning_rate", c.optim.learning_rate)
+    if c.optim.clip_norm is not None:
+        _positive("optim.clip_norm", c.optim.clip_norm)
+    if c.optim.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps={c.optim.warmup_steps}: must be >= 0")
+    for key in ("val_fraction", "test_fraction"):
+        value = getattr(c.data, key)
+        if not 0.0 < value < 1.0:
+            raise ConfigError(f"data.{key}={value}: must lie strictly between 0 and 1")
+    if c.data.val_fraction + c.data.test_fraction >= 0.9:
+        raise ConfigError("data.val_fraction + data.test_fraction must leave at least 10% of the "
+                          f"rows for training, got {c.data.val_fraction + c.data.test_fraction}")
+    if c.data.kind == "csv" and not c.data.path:
+        raise ConfigError("data.kind=csv needs data.path=/path/to/table.csv and data.target=[COL]")
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """The composed config as plain dataclasses (interpolations resolved)."""
+    return OmegaConf.to_object(cfg)
+
+
+def _check_keys(node: Any, schema, prefix: str) -> None:
+    hints = _schema_fields(schema)
+    for key, value in node.items():
+        dotted = prefix + key
+        if key not in hints:
+            valid = [prefix + name for name in hints]
+            raise ConfigError(f"unknown config key {dotted!r}{_suggest(dotted, valid)} "
+                              f"(valid keys here: {', '.join(valid)})")
+        if is_dataclass(hints[key]) and isinstance(value, dict):
+            _check_keys(value, hints[key], dotted + ".")
+
+
+def _choice(key: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r}: choose one of {', '.join(choices)}"
+                          f"{_suggest(value, choices)}")
+
+
+def _positive(key: str, value) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key}={value}: must be greater than 0")

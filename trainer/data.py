@@ -1,0 +1,241 @@
+"""Datasets: the notebook's seed problem, scikit-learn's bundled tables, the user's CSV.
+
+Every loader returns a ``Dataset`` of NumPy arrays split into train, validation
+and test rows. The split is deterministic in the seed (scikit-learn's
+``train_test_split``, stratified for classification); features, and regression
+targets, are standardised with statistics of the training rows only. No network
+is used: the scikit-learn tables ship inside the package.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["Dataset", "DataError", "load_dataset", "DATA_KINDS"]
+
+DATA_KINDS = ("seed", "diabetes", "digits", "csv")
+
+
+class DataError(ValueError):
+    """A data file or data setting that cannot be used; the message names file, column, row."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A split, standardised table.
+
+    Attributes:
+      name: dataset name, e.g. ``"diabetes"``.
+      task: ``"regression"`` or ``"classification"``.
+      x_train, x_val, x_test: ``(N_split, D)`` float32 features.
+      y_train, y_val, y_test: ``(N_split, T)`` float32 (standardised) targets for
+        regression; ``(N_split,)`` int32 labels in ``[0, num_classes)`` for classification.
+      feature_names: D names. target_names: T names (regression) or one name.
+      class_names: the label of each class (classification), else empty.
+      target_mean, target_std: ``(T,)`` float64; original target = y * std + mean.
+    """
+
+    name: str
+    task: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    feature_names: tuple[str, ...]
+    target_names: tuple[str, ...]
+    class_names: tuple[str, ...] = ()
+    target_mean: np.ndarray | None = None
+    target_std: np.ndarray | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.x_train.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        """Model output size: number of classes, or of target columns."""
+        return len(self.class_names) if self.task == "classification" else self.y_train.shape[1]
+
+    def to_original_units(self, y: np.ndarray) -> np.ndarray:
+        """Undo the target standardisation: ``(N, T)`` -> ``(N, T)`` float64."""
+        y = np.asarray(y, np.float64)
+        if self.target_mean is None:
+            return y
+        return y * self.target_std + self.target_mean
+
+
+def load_dataset(data, *, seed: int) -> Dataset:
+    """Load and split the dataset that ``data`` (a ``DataConfig``) names.
+
+    Args:
+      data: needs ``kind`` and, by kind, ``path``, ``target``, ``features``,
+        ``task``, ``val_fraction``, ``test_fraction``, ``standardize``,
+        ``seed_width``, ``seed_x_key``, ``seed_y_key``.
+      seed: the run's seed; decides the split.
+
+    Raises:
+      DataError: missing or malformed file, unknown column, non-numeric or missing
+        value (naming the file, column and line), or too few rows to split.
+    """
+    if data.kind == "seed":
+        return _seed_problem(data)
+    if data.kind in ("diabetes", "digits"):
+        from sklearn import datasets
+
+        bunch = datasets.load_diabetes() if data.kind == "diabetes" else datasets.load_digits()
+        task = "regression" if data.kind == "diabetes" else "classification"
+        x = np.asarray(bunch.data, np.float64)
+        y = np.asarray(bunch.target)
+        y = y.reshape(-1, 1).astype(np.float64) if task == "regression" else y.astype(np.int64)
+        target_names = ("progression",) if task == "regression" else ("digit",)
+        classes = tuple(str(c) for c in range(10)) if task == "classification" else ()
+        return _split(data.kind, task, x, y, tuple(map(str, bunch.feature_names)),
+                      target_names, classes, data, seed)
+    if data.kind == "csv":
+        return _load_csv(data, seed)
+    raise DataError(f"unknown data kind {data.kind!r}; choose one of {', '.join(DATA_KINDS)}")
+
+
+def _seed_problem(data) -> Dataset:
+    """The notebook's problem: one input ``x ~ N(0, I)`` from ``PRNGKey(seed_x_key)``,
+    one scalar target ``y ~ N(0, 1)`` from ``PRNGKey(seed_y_key)``.
+
+    The loss ``mean((f(Θ, x) - y)²)`` averages over the ``n`` outputs, so ``y`` is
+    repeated ``n`` times as the target row; train, validation and test are that one row.
+    """
+    import jax
+
+    n = data.seed_width
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(data.seed_x_key), (n,)), np.float32)
+    y = np.asarray(jax.random.normal(jax.random.PRNGKey(data.seed_y_key), ()), np.float32)
+    x_row = x.reshape(1, n)
+    y_row = np.full((1, n), y, np.float32)
+    names = tuple(f"x{i}" for i in range(n))
+    return Dataset("seed", "regression", x_row, y_row, x_row, y_row, x_row, y_row,
+                   feature_names=names, target_names=tuple(f"y{i}" for i in range(n)))
+
+
+def _split(name, task, x, y, feature_names, target_names, class_names, data, seed) -> Dataset:
+    from sklearn.model_selection import train_test_split
+
+    n = x.shape[0]
+    n_test = int(round(n * data.test_fraction))
+    n_val = int(round(n * data.val_fraction))
+    if n - n_test - n_val < 2 or n_test < 1 or n_val < 1:
+        raise DataError(
+            f"{name}: {n} rows are too few for val_fraction={data.val_fraction} and "
+            f"test_fraction={data.test_fraction} (each split needs at least one row, train two)")
+    stratify = y if task == "classification" and _can_stratify(y, n_test) else None
+    x_rest, x_test, y_rest, y_test = train_test_split(
+        x, y, test_size=n_test, random_state=seed, stratify=stratify)
+    stratify = y_rest if stratify is not None and _can_stratify(y_rest, n_val) else None
+    x_train, x_val, y_train, y_val = train_test_split(
+        x_rest, y_rest, test_size=n_val, random_state=seed + 1, stratify=stratify)
+
+    if data.standardize:
+        mean, std = x_train.mean(0), x_train.std(0)
+        std = np.where(std > 0, std, 1.0)  # constant columns (digits' blank pixels) stay 0
+        x_train, x_val, x_test = ((a - mean) / std for a in (x_train, x_val, x_test))
+    target_mean = target_std = None
+    if task == "regression" and data.standardize:
+        target_mean, target_std = y_train.mean(0), y_train.std(0)
+        target_std = np.where(target_std > 0, target_std, 1.0)
+        y_train, y_val, y_test = ((a - target_mean) / target_std for a in (y_train, y_val, y_test))
+    ydtype = np.float32 if task == "regression" else np.int32
+    f32 = lambda a: np.ascontiguousarray(a, np.float32)  # noqa: E731
+    return Dataset(name, task, f32(x_train), y_train.astype(ydtype), f32(x_val),
+                   y_val.astype(ydtype), f32(x_test), y_test.astype(ydtype),
+                   feature_names=feature_names, target_names=target_names,
+                   class_names=class_names, target_mean=target_mean, target_std=target_std)
+
+
+def _can_stratify(y, n_holdout) -> bool:
+    _, counts = np.unique(y, return_counts=True)
+    return counts.min() >= 2 and n_holdout >= len(counts)
+
+
+def _load_csv(data, seed: int) -> Dataset:
+    import pandas as pd
+
+    if not data.path:
+        raise DataError("data.kind=csv needs data.path=/path/to/table.csv")
+    path = Path(data.path).expanduser()
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (set data.path to an existing CSV file)")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the file is empty; a CSV needs a header row and data rows") \
+            from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not a readable CSV table ({_one_line(err)})") from None
+    if len(frame) == 0:
+        raise DataError(f"{path}: the file has a header but no data rows")
+    columns = list(frame.columns)
+    targets = list(data.target)
+    if not targets:
+        raise DataError("data.kind=csv needs data.target=[COLUMN] (the column(s) to predict); "
+                        f"{path} has columns {columns}")
+    features = list(data.features) if data.features else [c for c in columns if c not in targets]
+    for col in targets + features:
+        if col not in columns:
+            raise DataError(f"{path}: no column {col!r}; the columns are {columns}")
+    overlap = set(targets) & set(features)
+    if overlap:
+        raise DataError(f"{path}: column(s) {sorted(overlap)} are both target and feature")
+    if not features:
+        raise DataError(f"{path}: no feature columns left besides the target {targets}")
+    task = data.task
+    if task == "auto":
+        task = "regression"
+    if task == "classification" and len(targets) != 1:
+        raise DataError(f"classification takes one target column, got {targets}")
+
+    x = np.column_stack([_numeric_column(frame, col, path) for col in features])
+    if task == "regression":
+        y = np.column_stack([_numeric_column(frame, col, path) for col in targets])
+        class_names: tuple[str, ...] = ()
+    else:
+        labels = frame[targets[0]].str.strip()
+        empty = np.flatnonzero(labels.eq("").to_numpy())
+        if empty.size:
+            raise DataError(f"{path}: missing value in column {targets[0]!r} at line "
+                            f"{empty[0] + 2} (line 1 is the header)")
+        class_names = tuple(sorted(labels.unique(), key=_natural_key))
+        index = {c: i for i, c in enumerate(class_names)}
+        y = labels.map(index).to_numpy(np.int64)
+        if len(class_names) < 2:
+            raise DataError(f"{path}: column {targets[0]!r} has one class only; "
+                            "classification needs two or more")
+    return _split(path.stem, task, x, y, tuple(features), tuple(targets), class_names, data, seed)
+
+
+def _numeric_column(frame, col: str, path: Path) -> np.ndarray:
+    import pandas as pd
+
+    raw = frame[col].str.strip()
+    values = pd.to_numeric(raw, errors="coerce").to_numpy(np.float64)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        row = bad[0]
+        what = "missing value" if raw.iloc[row] == "" else f"non-numeric value {raw.iloc[row]!r}"
+        raise DataError(f"{path}: {what} in column {col!r} at line {row + 2} (line 1 is the "
+                        f"header); {bad.size} such row(s) in that column. Fix or drop those rows"
+                        ", or leave the column out with data.features")
+    return values
+
+
+def _natural_key(label: str):
+    try:
+        return (0, float(label), label)
+    except ValueError:
+        return (1, 0.0, label)
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())

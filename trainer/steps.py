@@ -1,0 +1,208 @@
+"""Losses, the train step and the scanned chunk of steps: the pure numerical core.
+
+Nothing here does I/O, reads a config object or prints. The functions close over
+plain Python values (sizes, counts) and take arrays; ``jax.jit`` is applied by
+the caller.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax import lax
+
+__all__ = [
+    "TrainState", "DeviceData", "mse_loss", "cross_entropy_loss", "loss_for_task",
+    "check_scalar_loss", "init_train_state", "make_train_step", "make_train_chunk",
+    "make_predict", "METRIC_KEYS",
+]
+
+LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training.
+
+    Attributes:
+      step: int32 scalar, number of steps (optimizer updates) taken so far.
+      params: the model's ``nnx.Param`` state (a pytree of float32 arrays).
+      opt_state: the optax optimizer state.
+      key: PRNG key for shuffling; epoch ``e`` uses ``fold_in(key, e)``.
+      nonfinite_step: int32 scalar, the first step whose loss or gradient was not
+        finite, or -1 while every step has been finite.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    key: jax.Array
+    nonfinite_step: jax.Array
+
+
+class DeviceData(NamedTuple):
+    """Training and validation arrays, kept on the device for the whole run.
+
+    Attributes:
+      x_train: ``(N_train, D)`` float32. y_train: ``(N_train, T)`` float32 for
+        regression, ``(N_train,)`` int32 class labels for classification.
+      x_val, y_val: the same for the validation split.
+    """
+
+    x_train: jax.Array
+    y_train: jax.Array
+    x_val: jax.Array
+    y_val: jax.Array
+
+
+def mse_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
+    """Mean squared error over every element: ``(B, T), (B, T) -> ()`` float32.
+
+    Predictions of shape ``(B, 1)`` and targets ``(B,)`` are never broadcast to
+    ``(B, B)``: the target must have the prediction's shape (case C13).
+    """
+    return jnp.mean((pred - target.reshape(pred.shape)) ** 2)
+
+
+def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy: ``(B, C)`` float32 logits, ``(B,)`` int32 labels -> ``()``.
+
+    Follows ``optax.softmax_cross_entropy_with_integer_labels``.
+    """
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+def loss_for_task(task: str) -> LossFn:
+    """MSE for ``"regression"``, softmax cross-entropy for ``"classification"``."""
+    if task == "regression":
+        return mse_loss
+    if task == "classification":
+        return cross_entropy_loss
+    raise ValueError(f"unknown task {task!r}; choose 'regression' or 'classification'")
+
+
+def check_scalar_loss(loss_fn: LossFn, graphdef, params, x: jax.Array, y: jax.Array) -> None:
+    """Trace ``loss_fn`` on one batch (no FLOPs run) and require a scalar (case C13).
+
+    Raises:
+      ValueError: naming the shape, if the loss is not of shape ``()``.
+    """
+    out = jax.eval_shape(lambda p: loss_fn(nnx.merge(graphdef, p)(x), y), params)
+    if out.shape != ():
+        raise ValueError(
+            f"the loss must be a scalar of shape (), but it returned shape {out.shape}; "
+            "reduce it (for example with jnp.mean) before taking its gradient")
+
+
+def init_train_state(params, optimizer: optax.GradientTransformation, *,
+                     key: jax.Array) -> TrainState:
+    """Step 0: ``params`` as given, a fresh optimizer state, ``key`` for shuffling."""
+    return TrainState(step=jnp.asarray(0, jnp.int32), params=params,
+                      opt_state=optimizer.init(params), key=key,
+                      nonfinite_step=jnp.asarray(-1, jnp.int32))
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: LossFn,
+                    schedule: optax.Schedule, *, skip_nonfinite: bool = True):
+    """Build ``train_step(state, (x, y)) -> (state, metrics)``, one optimizer update.
+
+    The loss and its gradient come from one ``jax.value_and_grad`` call; the
+    update from ``optimizer``. A step whose loss or gradient norm is not finite
+    is detected on the device: its update is dropped (``params`` and ``opt_state``
+    stay as they were) and ``state.nonfinite_step`` records the first such step.
+
+    Returns metrics (float32 scalars unless stated): ``train_loss``, ``grad_norm``
+    (global L2 norm of the gradient, ``optax.global_norm``), ``learning_rate``
+    (the rate applied at this step), ``finite`` (bool).
+    """
+
+    def objective(params, x, y):
+        return loss_fn(nnx.merge(graphdef, params)(x), y)
+
+    def train_step(state: TrainState, batch):
+        x, y = batch
+        loss, grads = jax.value_and_grad(objective)(state.params, x, y)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if skip_nonfinite:
+            keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+            params = jax.tree.map(keep, params, state.params)
+            opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+        first_bad = jnp.where((state.nonfinite_step < 0) & ~finite, state.step,
+                              state.nonfinite_step)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                               key=state.key, nonfinite_step=first_bad)
+        metrics = {"train_loss": loss, "grad_norm": grad_norm,
+                   "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+                   "finite": finite}
+        return new_state, metrics
+
+    return train_step
+
+
+METRIC_KEYS = ("train_loss", "grad_norm", "learning_rate", "finite", "val_loss", "evaluated",
+               "active")
+
+
+def make_train_chunk(train_step, graphdef, loss_fn: LossFn, *, num_steps: int,
+                     steps_per_call: int, batch_size: int, eval_every_steps: int):
+    """Build ``train_chunk(state, data) -> (state, metrics)``: ``steps_per_call`` steps
+    in one ``lax.scan``, to be wrapped in ``jax.jit`` by the caller.
+
+    Batches: epoch ``e = step // steps_per_epoch`` visits the training rows in the
+    order ``jax.random.permutation(fold_in(state.key, e), N_train)``, in
+    ``steps_per_epoch = N_train // batch_size`` batches of exactly ``batch_size``
+    rows (the ragged remainder of each epoch is dropped, so shapes never change).
+    Steps at or beyond ``num_steps`` (the tail of the last chunk) are masked: they
+    change nothing and report ``active = False``.
+    The validation loss is computed on the device after steps ``s`` with
+    ``(s + 1) % eval_every_steps == 0`` and after the last step.
+
+    Returns stacked metrics, each of shape ``(steps_per_call,)``: those of
+    ``make_train_step`` plus ``val_loss`` (float32, NaN where not evaluated),
+    ``evaluated`` and ``active`` (bool).
+    """
+
+    def val_loss_of(params, data: DeviceData):
+        return loss_fn(nnx.merge(graphdef, params)(data.x_val), data.y_val)
+
+    def one_step(state: TrainState, data: DeviceData):
+        n_train = data.x_train.shape[0]
+        steps_per_epoch = n_train // batch_size
+        epoch, pos = jnp.divmod(state.step, steps_per_epoch)
+        order = jax.random.permutation(jax.random.fold_in(state.key, epoch), n_train)
+        idx = lax.dynamic_slice_in_dim(order, pos * batch_size, batch_size)
+        new_state, metrics = train_step(state, (data.x_train[idx], data.y_train[idx]))
+        evaluated = ((new_state.step % eval_every_steps) == 0) | (new_state.step == num_steps)
+        val = lax.cond(evaluated, lambda: val_loss_of(new_state.params, data),
+                       lambda: jnp.asarray(jnp.nan, jnp.float32))
+        return new_state, {**metrics, "val_loss": val, "evaluated": evaluated,
+                           "active": jnp.asarray(True)}
+
+    def train_chunk(state: TrainState, data: DeviceData):
+        def body(state, _):
+            def skip(state, data):
+                # Shapes of the active branch's metrics, all zero and inactive.
+                _, shapes = jax.eval_shape(one_step, state, data)
+                return state, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+            return lax.cond(state.step < num_steps, one_step, skip, state, data) \
+                if num_steps % steps_per_call else one_step(state, data)
+
+        return lax.scan(body, state, None, length=steps_per_call)
+
+    return train_chunk
+
+
+def make_predict(graphdef):
+    """Build ``predict(params, x) -> outputs``: ``(B, D)`` float32 -> ``(B, T)`` float32."""
+
+    def predict(params, x):
+        return nnx.merge(graphdef, params)(x)
+
+    return predict

@@ -1,0 +1,349 @@
+"""The MLflow record: where the store is, one run per job, and what goes into it.
+
+Only this module talks to MLflow. It uses ``MlflowClient`` with explicit run ids
+and never the fluent ``mlflow.start_run`` API, so no "active run" can leak from
+one job of a multirun into the next (case C02), and MLflow's exit hook cannot
+mark a crashed run FINISHED (case C06).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+__all__ = ["Store", "resolve_store", "open_store", "get_or_create_experiment", "start_run",
+           "MlflowTracker", "Terminated", "TrackingError", "flatten_config", "environment_tags",
+           "ui_command"]
+
+PARAMS_PER_BATCH = 100     # MLflow's limit of params in one log_batch call
+METRICS_PER_BATCH = 1000   # MLflow's limit of metrics in one log_batch call
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when the process receives SIGTERM."""
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be opened or written; the message names the URI."""
+
+
+@dataclass(frozen=True)
+class Store:
+    """Where runs go.
+
+    Attributes:
+      tracking_uri: the MLflow tracking URI, always absolute for local stores.
+      artifact_root: URI under which new experiments keep artifacts, or None to let
+        the tracking server decide.
+      lock_path: file lock serialising creation and migration of a local SQLite
+        store (case C05), or None for remote stores.
+    """
+
+    tracking_uri: str
+    artifact_root: str | None
+    lock_path: Path | None
+
+
+def resolve_store(uri: str | None, launch_dir: Path) -> Store:
+    """Decide the store from ``tracking.uri``, ``$MLFLOW_TRACKING_URI`` or the default.
+
+    The default is ``sqlite:///<launch_dir>/mlruns/mlflow.db`` with artifacts in
+    ``<launch_dir>/mlruns/artifacts`` (cases C01, C04): absolute, so Hydra's
+    working-directory changes never move it. A relative ``sqlite:///`` path is
+    taken relative to ``launch_dir``.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    if uri is None:
+        root = (launch_dir / "mlruns").resolve()
+        return Store(f"sqlite:///{root / 'mlflow.db'}", (root / "artifacts").as_uri(),
+                     root / ".mlflow.db.lock")
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        if not db.is_absolute():
+            db = (launch_dir / db).resolve()
+        return Store(f"sqlite:///{db}", (db.parent / "artifacts").as_uri(),
+                     db.parent / f".{db.name}.lock")
+    return Store(uri, None, None)
+
+
+def open_store(store: Store):
+    """Create, migrate and check the store once, under a file lock for local SQLite.
+
+    Processes that start together on a store that does not exist yet would
+    otherwise each run MLflow's schema migrations and crash (case C05). Inside
+    the same lock, runs left RUNNING on this host by processes that no longer
+    exist (SIGKILL, out of memory) are marked KILLED.
+
+    Returns:
+      an ``mlflow.MlflowClient`` bound to ``store.tracking_uri``.
+
+    Raises:
+      TrackingError: the store cannot be opened.
+    """
+    from mlflow import MlflowClient
+
+    for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # one-off migration chatter
+    lock: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if store.lock_path is not None:
+        from filelock import FileLock
+
+        store.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(store.lock_path), timeout=300)
+    try:
+        with lock:
+            client = MlflowClient(tracking_uri=store.tracking_uri)
+            client.search_experiments(max_results=1)  # builds and migrates the store
+            _mark_dead_runs_killed(client)
+    except Exception as err:  # MLflow raises several types; all mean the same to the user
+        raise TrackingError(f"cannot open the tracking store {store.tracking_uri}: "
+                            f"{' '.join(str(err).split())[:500]} (set tracking.uri or "
+                            "MLFLOW_TRACKING_URI to a working store, e.g. sqlite:///mlruns/mlflow.db)"
+                            ) from err
+    return client
+
+
+def get_or_create_experiment(client, store: Store, name: str) -> str:
+    """The id of experiment ``name``, created with the store's artifact root if new."""
+    lock: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if store.lock_path is not None:
+        from filelock import FileLock
+
+        lock = FileLock(str(store.lock_path), timeout=300)
+    with lock:
+        found = client.get_experiment_by_name(name)
+        if found is not None:
+            if found.lifecycle_stage == "deleted":
+                client.restore_experiment(found.experiment_id)
+            return found.experiment_id
+        location = f"{store.artifact_root}/{name}" if store.artifact_root else None
+        return client.create_experiment(name, artifact_location=location)
+
+
+def _process_start(pid: int) -> str | None:
+    """Start time of ``pid`` in clock ticks since boot (Linux), to tell a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return start is None or _process_start(pid) in (None, start)
+
+
+def _mark_dead_runs_killed(client) -> None:
+    host = socket.gethostname()
+    experiments = [e.experiment_id for e in client.search_experiments(max_results=50_000)]
+    if not experiments:
+        return
+    runs = client.search_runs(
+        experiments, filter_string=f"attributes.status = 'RUNNING' and tags.host = '{host}'",
+        max_results=50_000)
+    for run in runs:
+        tags = run.data.tags
+        try:
+            pid = int(tags.get("pid", ""))
+        except ValueError:
+            continue
+        if pid == os.getpid() or _alive(pid, tags.get("pid_start")):
+            continue
+        client.set_tag(run.info.run_id, "killed_reason",
+                       f"process {pid} on {host} ended without closing the run "
+                       f"(found by process {os.getpid()})")
+        client.set_terminated(run.info.run_id, "KILLED")
+
+
+class MlflowTracker:
+    """Writes one run. Every value is a plain Python number or string (case C08).
+
+    Attributes:
+      run_id: the run's id.
+      log_s: seconds spent in MLflow calls through this tracker.
+    """
+
+    def __init__(self, client, run_id: str):
+        self.client = client
+        self.run_id = run_id
+        self.log_s = 0.0
+
+    @contextlib.contextmanager
+    def _timed(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.log_s += time.perf_counter() - t0
+
+    def log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)) for k, v in params.items()]
+        with self._timed():
+            for i in range(0, len(items), PARAMS_PER_BATCH):
+                self.client.log_batch(self.run_id, params=items[i:i + PARAMS_PER_BATCH])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        with self._timed():
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, points: Iterable[tuple[str, float, int]]) -> int:
+        """Log ``(name, value, step)`` points in batches; drop non-finite values (case C07).
+
+        MLflow would store +inf as 1.797e308, which charts show as a huge finite
+        loss, so such points are left out; the caller records the divergence.
+
+        Returns:
+          the number of points dropped for being NaN or infinite.
+        """
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics, dropped = [], 0
+        for name, value, step in points:
+            value = float(value)
+            if not math.isfinite(value):
+                dropped += 1
+                continue
+            metrics.append(Metric(name, value, now, int(step)))
+        with self._timed():
+            for i in range(0, len(metrics), METRICS_PER_BATCH):
+                self.client.log_batch(self.run_id, metrics=metrics[i:i + METRICS_PER_BATCH])
+        return dropped
+
+    def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None:
+        with self._timed():
+            if Path(local_path).is_dir():
+                self.client.log_artifacts(self.run_id, str(local_path), artifact_path)
+            else:
+                self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        with self._timed():
+            self.client.log_text(self.run_id, text, artifact_file)
+
+
+@contextlib.contextmanager
+def start_run(client, experiment_id: str, *, run_name: str,
+              tags: dict[str, str]) -> Iterator[MlflowTracker]:
+    """Open a run and always close it with a status that tells the truth (case C06).
+
+    Normal exit: FINISHED. An exception: FAILED, with its message as the tag
+    ``error`` and the traceback as the artifact ``error.txt``. Ctrl-C or SIGTERM
+    (a handler is installed for the run's duration; MLflow installs none):
+    KILLED. The end time is set in every case and the exception re-raised, so the
+    process exits non-zero; what was logged before stays.
+    """
+    identity = {"host": socket.gethostname(), "pid": str(os.getpid())}
+    start = _process_start(os.getpid())
+    if start is not None:
+        identity["pid_start"] = start
+    run = client.create_run(experiment_id, run_name=run_name, tags={**tags, **identity})
+    tracker = MlflowTracker(client, run.info.run_id)
+
+    def on_sigterm(signum, frame):
+        raise Terminated(f"received signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    status = "FAILED"
+    try:
+        yield tracker
+        status = "FINISHED"
+    except KeyboardInterrupt as err:
+        status = "KILLED"
+        reason = str(err) or "interrupted (Ctrl-C)"
+        _record_error(tracker, reason, err)
+        raise
+    except BaseException as err:
+        _record_error(tracker, f"{type(err).__name__}: {err}", err)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        # A second signal while closing must not leave the run RUNNING.
+        with _signals_blocked():
+            client.set_terminated(tracker.run_id, status)
+
+
+def _record_error(tracker: MlflowTracker, message: str, err: BaseException) -> None:
+    with contextlib.suppress(Exception):
+        tracker.set_tags({"error": message[:4000]})
+        tracker.log_text("".join(traceback.format_exception(err)), "error.txt")
+
+
+@contextlib.contextmanager
+def _signals_blocked() -> Iterator[None]:
+    sigs = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def flatten_config(tree: dict, prefix: str = "") -> dict[str, str]:
+    """Nested dict -> ``{"model.width": "64", ...}``: one entry per leaf (case C03).
+
+    Lists stay one value (``"[64, 64]"``); ``None`` becomes ``"null"``.
+    """
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_config(value, dotted + "."))
+        else:
+            flat[dotted] = "null" if value is None else str(value)
+    return flat
+
+
+def environment_tags() -> dict[str, str]:
+    """Git commit and dirty flag of the source tree, and the versions of the stack."""
+    from importlib import metadata
+
+    tags = {}
+    for dist in ("jax", "jaxlib", "flax", "optax", "mlflow", "hydra-core", "scikit-learn"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            tags[f"version.{dist}"] = metadata.version(dist)
+    src = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "."],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        tags["git.commit"] = commit
+        tags["git.dirty"] = str(bool(dirty)).lower()
+    except (OSError, subprocess.SubprocessError):
+        tags["git.commit"] = "unknown (not a git checkout)"
+    return tags
+
+
+def ui_command(store: Store) -> str:
+    """The command that opens this store in the MLflow UI on 127.0.0.1."""
+    if store.lock_path is None:
+        return f"open {store.tracking_uri}"
+    return ("MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --backend-store-uri "
+            f"{store.tracking_uri} --host 127.0.0.1 --port 5000 --workers 1")
+
+
+def scratch_dir() -> tempfile.TemporaryDirectory:
+    """A temporary folder for artifacts on their way to the store."""
+    return tempfile.TemporaryDirectory(prefix="trainer-")
