@@ -78,8 +78,9 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     num_steps: int = 2000              # optimizer updates in the run
-    steps_per_call: int = 100          # steps per compiled lax.scan call (one host sync each)
-    log_every_steps: int = 1           # keep train metrics of every N-th step
+    steps_per_call: int = 500          # steps per compiled lax.scan call (one host sync each)
+    log_every_steps: int = 100         # keep train metrics of every N-th step (MLflow writes
+                                       # ~10k points/s here: denser logging slows fast runs)
     eval_every_steps: int = 100        # validation loss every N steps (and after the last)
     on_nonfinite: str = "stop"         # "stop": end FAILED at the first NaN/inf loss;
                                        # "skip": drop such updates and go on

@@ -9,7 +9,6 @@ tracker is any object with the methods of ``tracking.MlflowTracker``.
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from .optim import make_optimizer, make_schedule
 from .steps import (DeviceData, check_scalar_loss, init_train_state, loss_for_task,
                     make_predict, make_train_chunk, make_train_step)
 
-__all__ = ["NonFiniteLossError", "RunResult", "train_and_evaluate", "chunk_points",
+__all__ = ["NonFiniteLossError", "RunResult", "train_and_evaluate", "chunk_points", "chunk_timings",
            "evaluate_test", "SHUFFLE_STREAM"]
 
 SHUFFLE_STREAM = 7919  # fold_in(key(seed), SHUFFLE_STREAM) is the shuffling key
@@ -52,9 +51,9 @@ class RunResult:
       test_metrics: the net's test metrics, in the target's original units.
       baseline_metrics: the same metrics of the linear baseline on the same split.
       timings: seconds unless named ``*_per_s``: ``compile_s`` (trace, lower and
-        compile of the chunk), ``first_call_s``, ``train_s`` (blocked time of all
-        chunks), ``steps_per_s`` and ``samples_per_s`` (steady state: chunks after
-        the first), ``log_s`` (MLflow calls), ``wall_s`` (the whole function).
+        compile of the chunk), those of ``chunk_timings``, ``samples_per_s``,
+        ``log_s`` (time the calling thread spent in MLflow calls, apart from the
+        step figures) and ``wall_s`` (the whole function).
       num_params: trainable scalars (a shared matrix counts once).
       num_steps: steps run; nonfinite_steps: steps whose update was dropped.
       history: host copies of the logged curves, ``{name: (steps, values)}``.
@@ -73,9 +72,9 @@ class RunResult:
     device: str = ""
 
 
-def chunk_points(metrics: dict[str, np.ndarray], *, start_step: int, log_every_steps: int,
-                 num_steps: int, stop_before: int | None = None) -> list[tuple[str, float, int]]:
-    """Turn one chunk's stacked host metrics into ``(name, value, step)`` points.
+def chunk_points(metrics, *, start_step: int, log_every_steps: int, num_steps: int,
+                 stop_before: int | None = None) -> list[tuple[str, float, int]]:
+    """Turn one chunk's host metrics into ``(name, value, step)`` points.
 
     Train metrics are kept at steps ``s`` with ``s % log_every_steps == 0`` and at
     the last step; ``val_loss`` wherever it was evaluated. Steps are the plain
@@ -83,11 +82,13 @@ def chunk_points(metrics: dict[str, np.ndarray], *, start_step: int, log_every_s
     ``stop_before``, steps from there on are left out.
 
     Args:
-      metrics: arrays of shape ``(K,)`` as returned by the chunk.
+      metrics: ``(step_metrics, eval_metrics)`` as returned by the chunk (see
+        ``steps.make_train_chunk``), as NumPy arrays.
     """
-    k = metrics["active"].shape[0]
+    step_metrics, eval_metrics = metrics
+    k = step_metrics["active"].shape[0]
     steps = np.arange(start_step, start_step + k)
-    keep = metrics["active"].astype(bool)
+    keep = step_metrics["active"].astype(bool)
     if stop_before is not None:
         keep &= steps < stop_before
     train_mask = keep & ((steps % log_every_steps == 0) | (steps == num_steps - 1))
@@ -95,9 +96,11 @@ def chunk_points(metrics: dict[str, np.ndarray], *, start_step: int, log_every_s
     for i in np.flatnonzero(train_mask):
         step = int(steps[i])
         for name in ("train_loss", "grad_norm", "learning_rate"):
-            points.append((name, float(metrics[name][i]), step))
-    for i in np.flatnonzero(keep & metrics["evaluated"].astype(bool)):
-        points.append(("val_loss", float(metrics["val_loss"][i]), int(steps[i])))
+            points.append((name, float(step_metrics[name][i]), step))
+    for i in np.flatnonzero(eval_metrics["evaluated"]):
+        step = int(eval_metrics["val_step"][i])
+        if stop_before is None or step < stop_before:
+            points.append(("val_loss", float(eval_metrics["val_loss"][i]), step))
     return points
 
 
@@ -149,6 +152,33 @@ def linear_baseline(dataset: Dataset) -> dict[str, float]:
         return evaluate_test(dataset, model.predict(dataset.x_test))
     model = LogisticRegression(max_iter=2000).fit(dataset.x_train, dataset.y_train)
     return _class_metrics(dataset, model.predict_proba(dataset.x_test))
+
+
+def chunk_timings(t_start: float, done_at: list[float], num_steps: int,
+                  steps_per_call: int) -> dict[str, float]:
+    """Step-time figures from the times at which each chunk's results reached the host.
+
+    Args:
+      t_start: ``time.perf_counter()`` just before the first chunk was dispatched
+        (after compilation).
+      done_at: completion time of each chunk, the last one taken after
+        ``jax.block_until_ready`` on the final state (case C10).
+
+    Returns:
+      seconds: ``first_call_s`` (first chunk, dispatch to results), ``train_s`` (all
+      chunks), ``step_s`` (median chunk interval / steps per chunk); and
+      ``steps_per_s`` over the steady state (chunks after the first; all of them
+      when there is one). Intervals are wall time between completions, so they
+      include host work (metrics, MLflow) whenever the device had to wait for it.
+    """
+    intervals = np.diff([t_start, *done_at])
+    if len(done_at) > 1:
+        steady_steps, steady_s = num_steps - steps_per_call, done_at[-1] - done_at[0]
+    else:
+        steady_steps, steady_s = num_steps, done_at[0] - t_start
+    return {"first_call_s": float(intervals[0]), "train_s": done_at[-1] - t_start,
+            "step_s": float(np.median(intervals)) / steps_per_call,
+            "steps_per_s": steady_steps / steady_s}
 
 
 def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
@@ -204,7 +234,8 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
                                      dataset.y_val))
     state = init_train_state(params, optimizer,
                              key=jax.random.fold_in(root, SHUFFLE_STREAM))
-    train_step = make_train_step(graphdef, optimizer, loss_fn, schedule)
+    train_step = make_train_step(graphdef, optimizer, loss_fn, schedule,
+                                 skip_nonfinite=tcfg.on_nonfinite == "skip")
     train_chunk = make_train_chunk(train_step, graphdef, loss_fn, num_steps=num_steps,
                                    steps_per_call=steps_per_call, batch_size=batch_size,
                                    eval_every_steps=tcfg.eval_every_steps)
@@ -215,19 +246,24 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
     compile_s = time.perf_counter() - t0
 
     num_chunks = -(-num_steps // steps_per_call)
-    chunk_s: list[float] = []
     history: dict[str, tuple[list[int], list[float]]] = {}
     nonfinite_steps = 0
     first_nonfinite: int | None = None
+    # Pipelined: chunk c+1 is queued on the device before the host fetches and logs
+    # chunk c, so host work (metrics, MLflow) overlaps device work. done_at[c] is when
+    # chunk c's results reached the host (device_get blocks until they are ready).
+    t_start = time.perf_counter()
+    pending = compiled(state, data)
+    done_at: list[float] = []
     with report.progress_bar(console, num_steps, enabled=tcfg.progress) as progress:
         for c in range(num_chunks):
-            start_step = c * steps_per_call
-            t0 = time.perf_counter()
-            state, metrics = compiled(state, data)
-            jax.block_until_ready((state, metrics))
-            chunk_s.append(time.perf_counter() - t0)
+            state, metrics = pending
+            if c + 1 < num_chunks:
+                pending = compiled(state, data)
             metrics = jax.device_get(metrics)  # one device-to-host transfer per chunk
-            bad = metrics["active"] & ~metrics["finite"]
+            done_at.append(time.perf_counter())
+            start_step = c * steps_per_call
+            bad = metrics[0]["active"] & ~metrics[0]["finite"]
             stop_before = None
             if bad.any():
                 first_bad = start_step + int(np.flatnonzero(bad)[0])
@@ -244,14 +280,17 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
                 steps_list.append(step)
                 values.append(value)
             if c == 0 and console is not None:
-                console.print(f"step 0: loss {float(metrics['train_loss'][0]):.8g}, "
-                              f"gradient norm {float(metrics['grad_norm'][0]):.8g}")
+                console.print(f"step 0: loss {float(metrics[0]['train_loss'][0]):.8g}, "
+                              f"gradient norm {float(metrics[0]['grad_norm'][0]):.8g}")
             if stop_before is not None:
                 tracker.set_tags({"diverged_at_step": str(stop_before)})
                 raise NonFiniteLossError(stop_before, float(schedule(stop_before)))
-            done = min(start_step + steps_per_call, num_steps)
+            interval = done_at[-1] - (done_at[-2] if c else t_start)
             last_loss = history.get("train_loss", ([], [float("nan")]))[1][-1]
-            progress(done, last_loss, steps_per_call / chunk_s[-1])
+            progress(min(start_step + steps_per_call, num_steps), last_loss,
+                     steps_per_call / interval)
+    jax.block_until_ready(state)
+    done_at[-1] = time.perf_counter()
     if first_nonfinite is not None:
         tracker.set_tags({"first_nonfinite_step": str(first_nonfinite),
                           "nonfinite_steps": str(nonfinite_steps)})
@@ -263,14 +302,9 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
     final = [(f"test_{k}", v, num_steps) for k, v in test_metrics.items()]
     final += [(f"baseline_test_{k}", v, num_steps) for k, v in baseline.items()]
     final.append(("nonfinite_steps", nonfinite_steps, num_steps))
-
-    steady = chunk_s[1:] or chunk_s
-    steady_steps = (num_steps - steps_per_call) if len(chunk_s) > 1 else num_steps
-    train_s = sum(chunk_s)
-    steps_per_s = steady_steps / sum(steady)
-    timings = {"compile_s": compile_s, "first_call_s": chunk_s[0], "train_s": train_s,
-               "step_s": statistics.median(chunk_s) / steps_per_call,
-               "steps_per_s": steps_per_s, "samples_per_s": steps_per_s * batch_size}
+    timings = {"compile_s": compile_s, **chunk_timings(t_start, done_at, num_steps,
+                                                        steps_per_call)}
+    timings["samples_per_s"] = timings["steps_per_s"] * batch_size
     host_params = jax.device_get(state.params)
     with report.workdir(workdir) as folder:
         plot = report.plot_training(history, folder / "training_curves.png",
@@ -278,11 +312,12 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
         tracker.log_artifact(plot)
         ckpt = report.save_params(host_params, folder / "final_params")
         tracker.log_artifact(ckpt, "final_params")
+    tracker.flush()  # every training point written before the timings are taken
     timings["log_s"] = tracker.log_s
     timings["wall_s"] = time.perf_counter() - wall_start
     final += [(name, value, num_steps) for name, value in timings.items()]
     tracker.log_metrics(final)
-    timings["log_s"] = tracker.log_s  # now including the last batch
+    tracker.flush()
     return RunResult(test_metrics=test_metrics, baseline_metrics=baseline, timings=timings,
                      num_params=num_params, num_steps=num_steps, nonfinite_steps=nonfinite_steps,
                      history=history, params=host_params, device=device_name)

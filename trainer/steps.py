@@ -7,6 +7,7 @@ the caller.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -18,7 +19,7 @@ from jax import lax
 __all__ = [
     "TrainState", "DeviceData", "mse_loss", "cross_entropy_loss", "loss_for_task",
     "check_scalar_loss", "init_train_state", "make_train_step", "make_train_chunk",
-    "make_predict", "METRIC_KEYS",
+    "make_predict",
 ]
 
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -145,31 +146,43 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
     return train_step
 
 
-METRIC_KEYS = ("train_loss", "grad_norm", "learning_rate", "finite", "val_loss", "evaluated",
-               "active")
+def _masked(fn, num_steps: int):
+    """``fn(state, data)`` where ``state.step < num_steps``; else no change and zero,
+    inactive metrics of the same shapes."""
+
+    def skip(state, data):
+        _, shapes = jax.eval_shape(fn, state, data)
+        return state, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    return lambda state, data: lax.cond(state.step < num_steps, fn, skip, state, data)
 
 
 def make_train_chunk(train_step, graphdef, loss_fn: LossFn, *, num_steps: int,
                      steps_per_call: int, batch_size: int, eval_every_steps: int):
-    """Build ``train_chunk(state, data) -> (state, metrics)``: ``steps_per_call`` steps
-    in one ``lax.scan``, to be wrapped in ``jax.jit`` by the caller.
+    """Build ``train_chunk(state, data) -> (state, (step_metrics, eval_metrics))``:
+    ``steps_per_call`` steps in one ``lax.scan``, to be wrapped in ``jax.jit``.
 
     Batches: epoch ``e = step // steps_per_epoch`` visits the training rows in the
     order ``jax.random.permutation(fold_in(state.key, e), N_train)``, in
     ``steps_per_epoch = N_train // batch_size`` batches of exactly ``batch_size``
     rows (the ragged remainder of each epoch is dropped, so shapes never change).
-    Steps at or beyond ``num_steps`` (the tail of the last chunk) are masked: they
-    change nothing and report ``active = False``.
-    The validation loss is computed on the device after steps ``s`` with
-    ``(s + 1) % eval_every_steps == 0`` and after the last step.
 
-    Returns stacked metrics, each of shape ``(steps_per_call,)``: those of
-    ``make_train_step`` plus ``val_loss`` (float32, NaN where not evaluated),
-    ``evaluated`` and ``active`` (bool).
+    The steps run in blocks of ``b = gcd(steps_per_call, eval_every_steps)``; after
+    each block the validation loss is computed on the device if the step count is
+    a multiple of ``eval_every_steps`` or equals ``num_steps``. One ``lax.cond``
+    per block, not per step, keeps the common step cheap. Steps at or beyond
+    ``num_steps`` (the tail of the last chunk) are masked: they change nothing and
+    report ``active = False``.
+
+    Returns:
+      ``step_metrics``: those of ``make_train_step`` plus ``active`` (bool), each of
+      shape ``(steps_per_call,)``. ``eval_metrics``: ``val_loss`` (float32, NaN
+      where not evaluated), ``val_step`` (int32, the step after which it was
+      computed) and ``evaluated`` (bool), each of shape ``(steps_per_call // b,)``.
     """
-
-    def val_loss_of(params, data: DeviceData):
-        return loss_fn(nnx.merge(graphdef, params)(data.x_val), data.y_val)
+    block = math.gcd(steps_per_call, eval_every_steps)
+    n_blocks = steps_per_call // block
+    ragged = num_steps % steps_per_call != 0  # the last chunk runs past num_steps
 
     def one_step(state: TrainState, data: DeviceData):
         n_train = data.x_train.shape[0]
@@ -178,23 +191,29 @@ def make_train_chunk(train_step, graphdef, loss_fn: LossFn, *, num_steps: int,
         order = jax.random.permutation(jax.random.fold_in(state.key, epoch), n_train)
         idx = lax.dynamic_slice_in_dim(order, pos * batch_size, batch_size)
         new_state, metrics = train_step(state, (data.x_train[idx], data.y_train[idx]))
-        evaluated = ((new_state.step % eval_every_steps) == 0) | (new_state.step == num_steps)
-        val = lax.cond(evaluated, lambda: val_loss_of(new_state.params, data),
+        return new_state, {**metrics, "active": jnp.asarray(True)}
+
+    # Mask whole blocks when num_steps falls on a block boundary, else single steps.
+    step_fn = _masked(one_step, num_steps) if ragged and num_steps % block else one_step
+
+    def one_block(state: TrainState, data: DeviceData):
+        start = state.step
+        state, metrics = lax.scan(lambda s, _: step_fn(s, data), state, None, length=block)
+        evaluated = (state.step > start) & (
+            (state.step % eval_every_steps == 0) | (state.step == num_steps))
+        val = lax.cond(evaluated,
+                       lambda: loss_fn(nnx.merge(graphdef, state.params)(data.x_val), data.y_val),
                        lambda: jnp.asarray(jnp.nan, jnp.float32))
-        return new_state, {**metrics, "val_loss": val, "evaluated": evaluated,
-                           "active": jnp.asarray(True)}
+        return state, (metrics, {"val_loss": val, "val_step": state.step - 1,
+                                 "evaluated": evaluated})
+
+    block_fn = _masked(one_block, num_steps) if ragged and not num_steps % block else one_block
 
     def train_chunk(state: TrainState, data: DeviceData):
-        def body(state, _):
-            def skip(state, data):
-                # Shapes of the active branch's metrics, all zero and inactive.
-                _, shapes = jax.eval_shape(one_step, state, data)
-                return state, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-            return lax.cond(state.step < num_steps, one_step, skip, state, data) \
-                if num_steps % steps_per_call else one_step(state, data)
-
-        return lax.scan(body, state, None, length=steps_per_call)
+        state, (step_metrics, eval_metrics) = lax.scan(
+            lambda s, _: block_fn(s, data), state, None, length=n_blocks)
+        step_metrics = jax.tree.map(lambda m: m.reshape(steps_per_call), step_metrics)
+        return state, (step_metrics, eval_metrics)
 
     return train_chunk
 

@@ -175,15 +175,21 @@ def _mark_dead_runs_killed(client) -> None:
 class MlflowTracker:
     """Writes one run. Every value is a plain Python number or string (case C08).
 
+    Metrics go through MLflow's asynchronous logging (``log_batch(...,
+    synchronous=False)``): the call queues the batch and MLflow's worker thread
+    writes it while training goes on (case C09); ``flush`` waits for all of them.
+
     Attributes:
       run_id: the run's id.
-      log_s: seconds spent in MLflow calls through this tracker.
+      log_s: seconds the calling thread spent in MLflow calls through this tracker
+        (queueing, synchronous calls and waiting in ``flush``).
     """
 
     def __init__(self, client, run_id: str):
         self.client = client
         self.run_id = run_id
         self.log_s = 0.0
+        self._pending: list = []
 
     @contextlib.contextmanager
     def _timed(self) -> Iterator[None]:
@@ -228,8 +234,16 @@ class MlflowTracker:
             metrics.append(Metric(name, value, now, int(step)))
         with self._timed():
             for i in range(0, len(metrics), METRICS_PER_BATCH):
-                self.client.log_batch(self.run_id, metrics=metrics[i:i + METRICS_PER_BATCH])
+                self._pending.append(self.client.log_batch(
+                    self.run_id, metrics=metrics[i:i + METRICS_PER_BATCH], synchronous=False))
         return dropped
+
+    def flush(self) -> None:
+        """Wait until every queued metric batch is written; raise the first failure."""
+        with self._timed():
+            pending, self._pending = self._pending, []
+            for operation in pending:
+                operation.wait()
 
     def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None:
         with self._timed():
@@ -281,7 +295,10 @@ def start_run(client, experiment_id: str, *, run_name: str,
         signal.signal(signal.SIGTERM, previous)
         # A second signal while closing must not leave the run RUNNING.
         with _signals_blocked():
-            client.set_terminated(tracker.run_id, status)
+            try:
+                tracker.flush()  # what was logged before a fault stays
+            finally:
+                client.set_terminated(tracker.run_id, status)
 
 
 def _record_error(tracker: MlflowTracker, message: str, err: BaseException) -> None:
