@@ -132,7 +132,7 @@ class TanhMLP(nnx.Module):
         if self.shared_kernel is not None:
             kernel = self.shared_kernel[...]
             for bias in self.hidden_biases:
-                h = jnp.tanh(h @ kernel + bias[...])
+                h = jnp.tanh(h @ kernel + bias[...][None, :])
         else:
             for layer in self.hidden_layers:
                 h = jnp.tanh(layer(h))

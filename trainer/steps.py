@@ -116,7 +116,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
     stay as they were) and ``state.nonfinite_step`` records the first such step.
 
     Returns metrics (float32 scalars unless stated): ``train_loss``, ``grad_norm``
-    (global L2 norm of the gradient, ``optax.global_norm``), ``learning_rate``
+    (global L2 norm of the gradient, ``optax.tree.norm``), ``learning_rate``
     (the rate applied at this step), ``finite`` (bool).
     """
 
@@ -128,7 +128,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
         loss, grads = jax.value_and_grad(objective)(state.params, x, y)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if skip_nonfinite:
             keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731

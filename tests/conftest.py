@@ -1,0 +1,85 @@
+"""Shared test setup: strict JAX settings, a CLI runner and a store reader.
+
+Strict settings (after equinox's tests/conftest.py): implicit rank promotion
+raises, so a broadcasting bug such as (B, 1) - (B,) -> (B, B) fails loudly.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment for a CLI subprocess: no inherited tracking URI, no telemetry."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update({"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def run_cli(tmp_path):
+    """``run_cli(*args, cwd=tmp_path, env=None, timeout=300)`` runs ``python -m trainer``
+    in a subprocess and returns the ``CompletedProcess`` (text output captured)."""
+
+    def run(*args: str, cwd: Path | None = None, env: dict | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=cwd or tmp_path,
+                              env=env or cli_env(), capture_output=True, text=True,
+                              timeout=timeout)
+
+    return run
+
+
+def store_client(launch_dir: Path):
+    """An ``MlflowClient`` on the default store of a job launched in ``launch_dir``."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{launch_dir / 'mlruns' / 'mlflow.db'}")
+
+
+def all_runs(client) -> list:
+    """Every run in every experiment of the store, newest first."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, max_results=1000) if experiments else []
+
+
+class RecordingTracker:
+    """Keeps what ``loop.train_and_evaluate`` logs, in memory, for unit tests of the loop.
+
+    The end-to-end tests (test_cli.py) check the same calls against a real MLflow store.
+    """
+
+    def __init__(self):
+        self.log_s = 0.0
+        self.tags: dict[str, str] = {}
+        self.points: list[tuple[str, float, int]] = []
+        self.artifacts: list[tuple[str, str | None]] = []
+
+    def set_tags(self, tags):
+        self.tags.update(tags)
+
+    def log_metrics(self, points):
+        points = list(points)
+        self.points.extend(points)
+        return 0
+
+    def log_artifact(self, local_path, artifact_path=None):
+        assert Path(local_path).exists()
+        self.artifacts.append((Path(local_path).name, artifact_path))
+
+    def flush(self):
+        pass
+
+    def history(self, name: str) -> list[tuple[int, float]]:
+        return [(step, value) for n, value, step in self.points if n == name]

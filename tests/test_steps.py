@@ -1,0 +1,211 @@
+"""The train step and the scanned chunk: updates land, scans equal single steps,
+one compilation, non-finite losses caught on the device, scalar losses (C13, C14)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from conftest import RecordingTracker
+from trainer.config import Config, DataConfig, ModelConfig, OptimConfig, TrainerConfig
+from trainer.data import load_dataset
+from trainer.loop import NonFiniteLossError, chunk_points, chunk_timings, train_and_evaluate
+from trainer.models import ModelSpec, init_model
+from trainer.steps import (DeviceData, check_scalar_loss, init_train_state, make_train_chunk,
+                           make_train_step, mse_loss)
+
+
+@pytest.fixture(scope="module")
+def diabetes():
+    return load_dataset(DataConfig(kind="diabetes"), seed=0)
+
+
+def small_setup(dataset, *, lr=1e-2, optimizer=None):
+    model = init_model(ModelSpec("mlp", dataset.in_features, 1, 0, (8,), False, "lecun_normal",
+                                 1.0), key=jax.random.key(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    schedule = optax.constant_schedule(lr)
+    tx = optimizer or optax.adam(schedule)
+    data = DeviceData(*map(jnp.asarray, (dataset.x_train, dataset.y_train, dataset.x_val,
+                                         dataset.y_val)))
+    return graphdef, params, tx, schedule, data
+
+
+def test_c14_three_steps_update_params_and_optimizer_state(diabetes):
+    """C14: the split-state pattern under plain jax.jit keeps its updates: after three
+    steps the params differ, the optimizer's step count is 3 and the loss changed."""
+    graphdef, params, tx, schedule, data = small_setup(diabetes)
+    step = jax.jit(make_train_step(graphdef, tx, mse_loss, schedule))
+    state = init_train_state(params, tx, key=jax.random.key(1))
+    batch = (data.x_train[:32], data.y_train[:32])
+    losses = []
+    for _ in range(3):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["train_loss"]))
+    changed = jax.tree.map(lambda a, b: not np.allclose(a, b), state.params, params)
+    assert all(jax.tree.leaves(changed))
+    adam_state = state.opt_state[0]
+    assert int(adam_state.count) == 3
+    assert int(state.step) == 3
+    assert losses[2] < losses[0]
+
+
+def test_scanned_chunk_equals_single_steps(diabetes):
+    """K steps in one lax.scan give the params of K single jitted steps on the batches
+    the documented order names (permutation of fold_in(key, epoch))."""
+    graphdef, params, tx, schedule, data = small_setup(diabetes)
+    batch_size, k = 32, 12
+    key = jax.random.key(3)
+    step = make_train_step(graphdef, tx, mse_loss, schedule)
+    chunk = jax.jit(make_train_chunk(step, graphdef, mse_loss, num_steps=24, steps_per_call=k,
+                                     batch_size=batch_size, eval_every_steps=4))
+    scanned, (step_metrics, eval_metrics) = chunk(init_train_state(params, tx, key=key), data)
+
+    single = jax.jit(step)
+    state = init_train_state(params, tx, key=key)
+    n = data.x_train.shape[0]
+    per_epoch = n // batch_size
+    losses = []
+    for s in range(k):
+        order = jax.random.permutation(jax.random.fold_in(key, s // per_epoch), n)
+        idx = order[(s % per_epoch) * batch_size:(s % per_epoch + 1) * batch_size]
+        state, m = single(state, (data.x_train[idx], data.y_train[idx]))
+        losses.append(float(m["train_loss"]))
+    for a, b in zip(jax.tree.leaves(scanned.params), jax.tree.leaves(state.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(step_metrics["train_loss"], losses, rtol=1e-5)
+    assert eval_metrics["evaluated"].tolist() == [True, True, True]
+    assert eval_metrics["val_step"].tolist() == [3, 7, 11]
+
+
+def test_ragged_last_chunk_is_masked(diabetes):
+    """num_steps not a multiple of steps_per_call: the tail does nothing, the last
+    step is evaluated, and the step counter stops at num_steps."""
+    graphdef, params, tx, schedule, data = small_setup(diabetes)
+    step = make_train_step(graphdef, tx, mse_loss, schedule)
+    for eval_every in (5, 3):  # block-level and step-level masking
+        chunk = jax.jit(make_train_chunk(step, graphdef, mse_loss, num_steps=13,
+                                         steps_per_call=10, batch_size=32,
+                                         eval_every_steps=eval_every))
+        state = init_train_state(params, tx, key=jax.random.key(0))
+        state, first = chunk(state, data)
+        before = jax.tree.leaves(state.params)
+        state, (step_metrics, eval_metrics) = chunk(state, data)
+        assert int(state.step) == 13
+        assert step_metrics["active"].tolist() == [True] * 3 + [False] * 7
+        evaluated_at = eval_metrics["val_step"][eval_metrics["evaluated"]].tolist()
+        assert evaluated_at[-1] == 12
+        # a further chunk changes nothing
+        state2, _ = chunk(state, data)
+        for a, b in zip(jax.tree.leaves(state2.params), jax.tree.leaves(state.params)):
+            np.testing.assert_array_equal(a, b)
+        assert any(not np.array_equal(a, b) for a, b in zip(before, jax.tree.leaves(state.params)))
+
+
+def test_nonfinite_step_is_recorded_on_device_and_skipped(diabetes):
+    """C07: the first non-finite step is recorded in the state; in skip mode its update
+    is dropped, so params stay finite."""
+    graphdef, params, tx, schedule, data = small_setup(diabetes)
+    step = jax.jit(make_train_step(graphdef, tx, mse_loss, schedule, skip_nonfinite=True))
+    state = init_train_state(params, tx, key=jax.random.key(0))
+    good = (data.x_train[:4], data.y_train[:4])
+    bad = (data.x_train[:4], data.y_train[:4].at[0, 0].set(jnp.inf))
+    state, m0 = step(state, good)
+    state, m1 = step(state, bad)
+    state, m2 = step(state, good)
+    assert bool(m0["finite"]) and not bool(m1["finite"]) and bool(m2["finite"])
+    assert int(state.nonfinite_step) == 1
+    assert all(bool(jnp.isfinite(p).all()) for p in jax.tree.leaves(state.params))
+
+
+def test_c13_non_scalar_loss_stops_before_training_with_its_shape(diabetes):
+    """C13: a loss that returns one value per row is refused, naming the shape."""
+    graphdef, params, *_ = small_setup(diabetes)
+
+    def per_row_loss(pred, target):
+        return jnp.mean((pred - target) ** 2, axis=1)
+
+    x, y = jnp.asarray(diabetes.x_train[:32]), jnp.asarray(diabetes.y_train[:32])
+    with pytest.raises(ValueError, match=r"shape \(32,\)"):
+        check_scalar_loss(per_row_loss, graphdef, params, x, y)
+    check_scalar_loss(mse_loss, graphdef, params, x, y)  # (B, 1) targets: a scalar loss
+
+
+def test_c13_mse_never_broadcasts_rows_against_columns():
+    """C13: predictions (B, 1) and targets (B,) give the per-row error, not (B, B)."""
+    pred = jnp.array([[1.0], [2.0], [3.0]])
+    target = jnp.array([1.0, 2.0, 5.0])
+    assert mse_loss(pred, target).shape == ()
+    assert float(mse_loss(pred, target)) == pytest.approx(4.0 / 3.0)
+
+
+def cfg_for(steps=300, **trainer):
+    return Config(model=ModelConfig(hidden=[8]), data=DataConfig(kind="diabetes", batch_size=32),
+                  optim=OptimConfig(name="adam", learning_rate=1e-2),
+                  trainer=TrainerConfig(num_steps=steps, steps_per_call=100, log_every_steps=1,
+                                        eval_every_steps=50, progress=False, **trainer))
+
+
+def test_training_lowers_the_loss_and_compiles_the_chunk_once(diabetes, caplog):
+    """The loss falls; the chunk is compiled once for the whole run."""
+    tracker = RecordingTracker()
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        result = train_and_evaluate(cfg_for(steps=300), diabetes, tracker)
+    compiles = [r for r in caplog.records if "Compiling jit(train_chunk)" in r.getMessage()]
+    assert len(compiles) == 1
+    losses = [v for _, v in tracker.history("train_loss")]
+    assert len(losses) == 300
+    assert np.mean(losses[-50:]) < 0.7 * np.mean(losses[:10])
+    val = tracker.history("val_loss")
+    assert [s for s, _ in val] == [49, 99, 149, 199, 249, 299]
+    assert result.test_metrics["rmse"] > 0 and "rmse" in result.baseline_metrics
+    assert {name for name, _ in tracker.artifacts} == {"training_curves.png", "final_params"}
+
+
+def test_divergence_stops_with_the_step_and_keeps_earlier_points(diabetes):
+    """C07: a huge learning rate stops the run at the first non-finite step; the points
+    before it are logged and none after it; the message suggests a smaller rate."""
+    cfg = cfg_for(steps=300)
+    cfg = dataclasses.replace(cfg, optim=OptimConfig(name="sgd", learning_rate=1e4))
+    tracker = RecordingTracker()
+    with pytest.raises(NonFiniteLossError, match="smaller") as err:
+        train_and_evaluate(cfg, diabetes, tracker)
+    bad_step = err.value.step
+    assert tracker.tags["diverged_at_step"] == str(bad_step)
+    steps = [s for n, _, s in tracker.points if n == "train_loss"]
+    assert steps == list(range(bad_step))
+    assert all(np.isfinite(v) for _, v, _ in tracker.points)
+
+
+def test_chunk_points_are_plain_python_numbers():
+    """C08: values are Python floats, steps Python ints from start_step on."""
+    k = 6
+    step_metrics = {"train_loss": np.linspace(1, 2, k, dtype=np.float32),
+                    "grad_norm": np.ones(k, np.float32), "learning_rate": np.ones(k, np.float32),
+                    "finite": np.ones(k, bool), "active": np.array([1, 1, 1, 1, 1, 0], bool)}
+    eval_metrics = {"val_loss": np.array([0.5, np.nan], np.float32),
+                    "val_step": np.array([12, 14], np.int32),
+                    "evaluated": np.array([True, False])}
+    points = chunk_points((step_metrics, eval_metrics), start_step=10, log_every_steps=2,
+                          num_steps=15)
+    train_steps = [s for n, _, s in points if n == "train_loss"]
+    assert train_steps == [10, 12, 14]  # every 2nd step and the last one
+    assert ("val_loss", 0.5, 12) in points
+    assert all(type(v) is float and type(s) is int for _, v, s in points)
+
+
+def test_chunk_timings_follow_completions():
+    """C10: step time is the median interval between completions / steps per chunk;
+    steps/s counts only the chunks after the first."""
+    t = chunk_timings(10.0, [12.0, 13.0, 14.0], num_steps=300, steps_per_call=100)
+    assert t["first_call_s"] == pytest.approx(2.0)
+    assert t["train_s"] == pytest.approx(4.0)
+    assert t["step_s"] == pytest.approx(0.01)
+    assert t["steps_per_s"] == pytest.approx(100.0)
