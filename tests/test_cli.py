@@ -1,0 +1,474 @@
+"""End-to-end tests of ``python -m trainer``: the real CLI in a subprocess, read back from MLflow.
+
+Each test launches the CLI in a temporary launch directory (the default store is
+``<launch>/mlruns/mlflow.db``) and checks what the store holds afterwards. Every CLI
+start costs seconds of imports, so the tests use ``+experiment=smoke`` with small
+overrides, reuse one run for several checks and start independent jobs side by side.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, all_runs, cli_env, store_client
+
+pytestmark = pytest.mark.slow
+
+SMOKE = "+experiment=smoke"
+SMOKE_STEPS = 60          # trainer.num_steps of conf/experiment/smoke.yaml
+LONG_RUN = ("trainer.num_steps=2000000", "trainer.steps_per_call=1000")  # minutes, not seconds
+HUGE = 1e300              # MLflow stores +inf as 1.797e308; no stored value may come near it
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+def start_cli(*args: str, cwd: Path, env: dict | None = None,
+              log: Path | None = None) -> subprocess.Popen:
+    """Start ``python -m trainer`` without waiting. With ``log``, stdout and stderr go to
+    that file (polled by ``wait_for_output``); else they are captured as text pipes."""
+    out = open(log, "w") if log is not None else subprocess.PIPE  # noqa: SIM115
+    err = subprocess.STDOUT if log is not None else subprocess.PIPE
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=cwd,
+                            env=env or cli_env(), stdout=out, stderr=err, text=True)
+    if log is not None:
+        out.close()  # the child holds its own copy
+    return proc
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
+    """Wait for a process from ``start_cli`` (pipes); returns (exit code, stdout, stderr)."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"CLI still running after {timeout} s:\n{out}\n{err}")
+    return proc.returncode, out or "", err or ""
+
+
+def sqlite_uri(db: Path) -> str:
+    return f"sqlite:///{db.resolve()}"
+
+
+def default_uri(launch: Path) -> str:
+    return sqlite_uri(launch / "mlruns" / "mlflow.db")
+
+
+def history(client, run_id: str, key: str) -> list:
+    """Metric points of ``key`` ordered by step."""
+    return sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+
+
+def assert_no_huge_values(client, run) -> None:
+    """C07: every stored point of every metric is finite and far below MLflow's inf stand-in."""
+    for key in run.data.metrics:
+        for point in client.get_metric_history(run.info.run_id, key):
+            assert math.isfinite(point.value) and abs(point.value) < HUGE, (key, point)
+
+
+def wait_for_training(proc: subprocess.Popen, log: Path, launch: Path,
+                      timeout: float = 120) -> tuple[object, str]:
+    """Wait until the job's run is RUNNING in the default store with some train_loss points.
+
+    The store is opened only after the CLI printed its run id, so the test never races the
+    CLI in creating the database. Returns (client, run id).
+    """
+    deadline = time.monotonic() + timeout
+    run_id = None
+    while run_id is None:
+        assert proc.poll() is None, f"CLI exited early ({proc.returncode}):\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"no run started:\n{log.read_text()}"
+        for line in log.read_text().splitlines():
+            if line.startswith("run ") and "in experiment" in line:
+                run_id = line.split()[1]
+        time.sleep(0.2)
+    client = store_client(launch)
+    while True:
+        assert proc.poll() is None, f"CLI exited early ({proc.returncode}):\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"no train_loss points:\n{log.read_text()}"
+        run = client.get_run(run_id)
+        if run.info.status == "RUNNING" and len(client.get_metric_history(run_id, "train_loss")) >= 2:
+            return client, run_id
+        time.sleep(0.3)
+
+
+# --- a plain run ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def basic_run(tmp_path_factory):
+    """One smoke run with a changed value and an interpolated one; shared by several tests."""
+    launch = tmp_path_factory.mktemp("basic")
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", SMOKE, "trainer.num_steps=40",
+         "tracking.run_name=${optim.name}-interp"],
+        cwd=launch, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    client = store_client(launch)
+    runs = all_runs(client)
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return launch, proc, client, runs[0]
+
+
+def test_basic_run_finishes_with_full_record(basic_run):
+    """C03, C04: one FINISHED run with end time, tags, metrics and artifacts; stdout names
+    the run id and the store."""
+    launch, proc, client, run = basic_run
+    assert run.info.status == "FINISHED"
+    assert run.info.end_time is not None and run.info.end_time >= run.info.start_time
+
+    tags = run.data.tags
+    for key in ("git.commit", "version.jax", "jax.backend", "host", "pid", "overrides",
+                "tracking_uri"):
+        assert tags.get(key), f"tag {key} missing or empty: {sorted(tags)}"
+    assert tags["tracking_uri"] == default_uri(launch)
+    overrides = tags["overrides"].split()
+    assert overrides[:2] == [SMOKE, "trainer.num_steps=40"]
+    assert len(overrides) == 3 and overrides[2].startswith("tracking.run_name=")
+    assert tags["jax.backend"] == "cpu"
+    assert int(tags["pid"]) > 0
+
+    metrics = run.data.metrics
+    for key in ("test_rmse", "baseline_test_rmse", "compile_s", "steps_per_s", "samples_per_s",
+                "wall_s", "log_s"):
+        assert key in metrics, f"metric {key} missing: {sorted(metrics)}"
+        assert math.isfinite(metrics[key]), (key, metrics[key])
+    assert metrics["steps_per_s"] > 0 and metrics["samples_per_s"] > metrics["steps_per_s"]
+    assert 0 < metrics["compile_s"] < metrics["wall_s"]
+    assert 0 <= metrics["log_s"] < metrics["wall_s"]
+
+    artifacts = {a.path: a for a in client.list_artifacts(run.info.run_id)}
+    for name in ("config.yaml", "overrides.yaml", "training_curves.png"):
+        assert name in artifacts and not artifacts[name].is_dir, sorted(artifacts)
+    assert "final_params" in artifacts and artifacts["final_params"].is_dir, sorted(artifacts)
+    assert client.list_artifacts(run.info.run_id, "final_params"), "final_params is empty"
+
+    out = proc.stdout
+    assert run.info.run_id in out
+    assert default_uri(launch) in out
+
+
+def test_params_are_flat_and_resolved(basic_run):
+    """C03: one param per leaf with a dotted key, values resolved, no hydra node; the
+    resolved config is also a YAML artifact."""
+    _, _, client, run = basic_run
+    params = run.data.params
+    assert params["model.hidden"] == "[8]"
+    assert float(params["optim.learning_rate"]) == 0.01
+    assert params["trainer.num_steps"] == "40"
+    assert params["optim.name"] == "adam"
+    assert params["tracking.run_name"] == "adam-interp"
+    assert run.info.run_name == "adam-interp"
+    assert not [k for k, v in params.items() if "${" in v]
+    assert not [k for k in params if k.startswith("hydra")]
+    assert not [k for k in params if "." not in k and k != "seed"], sorted(params)
+    assert not [v for v in params.values() if v.startswith("{")], "a nested dict logged as one value"
+
+    import yaml
+
+    text = client.download_artifacts(run.info.run_id, "config.yaml")
+    config = yaml.safe_load(Path(text).read_text())
+    assert config["tracking"]["run_name"] == "adam-interp"
+    assert config["trainer"]["num_steps"] == 40
+    assert "hydra" not in config
+
+
+def test_single_target_regression_finishes(basic_run):
+    """C13: diabetes has one target column; the loss is reduced to a scalar and training works."""
+    _, _, _, run = basic_run
+    assert run.data.tags["task"] == "regression"
+    assert run.info.status == "FINISHED"
+    rmse = run.data.metrics["test_rmse"]
+    assert math.isfinite(rmse) and 0 < rmse < 1e3  # diabetes targets lie in 25..346
+
+
+# --- logging every step -----------------------------------------------------------------------
+
+def test_every_step_logged_with_integer_steps(run_cli, tmp_path):
+    """C08, C09: 500 steps with a point every step: all 500 points of each train curve,
+    integer steps 0..499, validation at the eval steps, logging time reported apart."""
+    num_steps = 500
+    proc = run_cli(SMOKE, f"trainer.num_steps={num_steps}", "trainer.log_every_steps=1",
+                   "trainer.steps_per_call=100")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    client = store_client(tmp_path)
+    (run,) = all_runs(client)
+    assert run.info.status == "FINISHED"
+    run_id = run.info.run_id
+    for key in ("train_loss", "grad_norm", "learning_rate"):
+        points = history(client, run_id, key)
+        steps = [p.step for p in points]
+        assert steps == list(range(num_steps)), f"{key}: {len(steps)} points"
+        assert all(type(s) is int for s in steps)
+        assert all(math.isfinite(p.value) for p in points)
+    rates = [p.value for p in history(client, run_id, "learning_rate")]
+    assert rates == pytest.approx([0.01] * num_steps)  # a float32 on the device
+    # Validation runs after every eval_every-th step (20 in smoke.yaml), logged at the step
+    # it follows: 19, 39, ..., 499.
+    val_steps = [p.step for p in history(client, run_id, "val_loss")]
+    assert val_steps == list(range(19, num_steps, 20))
+    assert "log_s" in run.data.metrics and run.data.metrics["log_s"] >= 0
+    assert run.data.metrics["log_s"] < run.data.metrics["wall_s"]
+
+
+# --- where the store is -----------------------------------------------------------------------
+
+def test_store_stays_in_launch_dir_with_chdir(run_cli, tmp_path):
+    """C01: with hydra.job.chdir=true, a run and a two-job multirun all land in the one store
+    <launch>/mlruns/mlflow.db, in one experiment; no store under outputs/ or multirun/."""
+    first = run_cli(SMOKE, "hydra.job.chdir=true")
+    assert first.returncode == 0, first.stdout + first.stderr
+    sweep = run_cli("-m", SMOKE, "hydra.job.chdir=true", "optim.learning_rate=0.01,0.02")
+    assert sweep.returncode == 0, sweep.stdout + sweep.stderr
+
+    uri = default_uri(tmp_path)
+    assert (tmp_path / "mlruns" / "mlflow.db").is_file()
+    assert uri in first.stdout and uri in sweep.stdout
+    for sub in ("outputs", "multirun"):
+        assert (tmp_path / sub).is_dir(), f"Hydra made no {sub}/ folder"
+        strays = [p for p in (tmp_path / sub).rglob("*") if p.name in ("mlflow.db", "mlruns")]
+        assert not strays, strays
+    assert not list(tmp_path.rglob("mlflow.db"))[1:], list(tmp_path.rglob("mlflow.db"))
+
+    client = store_client(tmp_path)
+    runs = all_runs(client)
+    assert len(runs) == 3
+    assert len({r.info.experiment_id for r in runs}) == 1
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert all(r.data.tags["tracking_uri"] == uri for r in runs)
+    assert sorted(float(r.data.params["optim.learning_rate"]) for r in runs) == [0.01, 0.01, 0.02]
+
+
+def test_tracking_uri_from_env_and_override(tmp_path):
+    """C04: MLFLOW_TRACKING_URI, and the tracking.uri override, name the store the run goes to."""
+    by_env, by_override = tmp_path / "env_store" / "x.db", tmp_path / "override_store" / "y.db"
+    launch_env, launch_override = tmp_path / "launch_env", tmp_path / "launch_override"
+    launch_env.mkdir()
+    launch_override.mkdir()
+    jobs = [
+        start_cli(SMOKE, "trainer.num_steps=20", cwd=launch_env,
+                  env=cli_env(MLFLOW_TRACKING_URI=f"sqlite:///{by_env}")),
+        start_cli(SMOKE, "trainer.num_steps=20", f"tracking.uri=sqlite:///{by_override}",
+                  cwd=launch_override),
+    ]
+    results = [finish(p) for p in jobs]
+    from mlflow import MlflowClient
+
+    for (code, out, err), db, launch in zip(results, (by_env, by_override),
+                                            (launch_env, launch_override)):
+        assert code == 0, out + err
+        assert db.is_file(), f"{db} not created"
+        assert not (launch / "mlruns").exists(), "the run went to the default store instead"
+        (run,) = all_runs(MlflowClient(sqlite_uri(db)))
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["tracking_uri"] == sqlite_uri(db)
+        assert sqlite_uri(db) in out
+
+
+def test_parallel_jobs_on_new_store(tmp_path):
+    """C05: four jobs started at once on a store that does not exist yet all finish, each
+    with its full loss history."""
+    assert not (tmp_path / "mlruns").exists()
+    log_every = 10
+    jobs = [start_cli(SMOKE, f"seed={i}", f"trainer.log_every_steps={log_every}", cwd=tmp_path)
+            for i in range(4)]
+    results = [finish(p) for p in jobs]
+    for code, out, err in results:
+        assert code == 0, out + err
+    client = store_client(tmp_path)
+    runs = all_runs(client)
+    assert len(runs) == 4
+    assert len({r.info.run_id for r in runs}) == 4
+    assert sorted(int(r.data.params["seed"]) for r in runs) == [0, 1, 2, 3]
+    expected = sorted(set(range(0, SMOKE_STEPS, log_every)) | {SMOKE_STEPS - 1})
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert [p.step for p in history(client, run.info.run_id, "train_loss")] == expected
+        assert "test_rmse" in run.data.metrics
+
+
+# --- multirun ---------------------------------------------------------------------------------
+
+def test_multirun_beside_old_file_store(run_cli, tmp_path):
+    """C02, C04: a two-job sweep gives two FINISHED runs with their own ids and names; a
+    leftover old-style ./mlruns file store neither diverts nor breaks them: they go into
+    mlruns/mlflow.db with no maintenance-mode error."""
+    old = tmp_path / "mlruns" / "0"
+    old.mkdir(parents=True)
+    (old / "meta.yaml").write_text("artifact_location: mlruns/0\nexperiment_id: '0'\n"
+                                   "lifecycle_stage: active\nname: Default\n")
+    proc = run_cli("-m", SMOKE, "seed=0,1", "trainer.num_steps=20")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert "maintenance" not in output.lower()
+    assert (tmp_path / "mlruns" / "mlflow.db").is_file()
+    runs = all_runs(store_client(tmp_path))
+    assert len(runs) == 2
+    assert all(r.data.tags["tracking_uri"] == default_uri(tmp_path) for r in runs)
+    assert all(r.info.status == "FINISHED" and r.info.end_time for r in runs)
+    assert len({r.info.run_id for r in runs}) == 2
+    assert len({r.info.run_name for r in runs}) == 2
+    assert sorted(r.data.params["seed"] for r in runs) == ["0", "1"]
+
+
+def test_multirun_continues_after_failed_job(run_cli, tmp_path):
+    """C02, C07: the first job of a sweep diverges; the second still runs in its own run,
+    nothing is 'already active', and the process exits non-zero."""
+    proc = run_cli("-m", SMOKE, "optim=sgd", "optim.learning_rate=1e6,0.01")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output
+    assert "already active" not in output.lower()
+    runs = all_runs(store_client(tmp_path))
+    assert len(runs) == 2, output
+    assert len({r.info.run_id for r in runs}) == 2
+    by_lr = {float(r.data.params["optim.learning_rate"]): r for r in runs}
+    assert by_lr[1e6].info.status == "FAILED"
+    assert by_lr[0.01].info.status == "FINISHED"
+    assert all(r.info.end_time for r in runs)
+    assert "test_rmse" in by_lr[0.01].data.metrics
+
+
+# --- divergence -------------------------------------------------------------------------------
+
+def test_divergence_stops_and_fails(tmp_path):
+    """C07: SGD at lr=1e6 diverges after a few steps: exit non-zero, run FAILED with the step
+    recorded, a message naming the step and a smaller learning rate, no huge values stored;
+    with trainer.on_nonfinite=skip the run finishes and counts the dropped steps."""
+    stop_dir, skip_dir = tmp_path / "stop", tmp_path / "skip"
+    stop_dir.mkdir()
+    skip_dir.mkdir()
+    diverge = (SMOKE, "optim=sgd", "optim.learning_rate=1e6", "trainer.log_every_steps=1")
+    jobs = [start_cli(*diverge, cwd=stop_dir),
+            start_cli(*diverge, "trainer.on_nonfinite=skip", cwd=skip_dir)]
+    (code, out, err), (skip_code, skip_out, skip_err) = (finish(p) for p in jobs)
+
+    assert code != 0, out + err
+    assert "Traceback" not in err
+    client = store_client(stop_dir)
+    (run,) = all_runs(client)
+    assert run.info.status == "FAILED" and run.info.end_time
+    step = int(run.data.tags["diverged_at_step"])
+    assert step > 0, "diverged at step 0: no points before it to check"
+    assert f"step {step}" in err
+    assert "learning_rate" in err and "smaller" in err
+    assert run.info.run_id in err
+    steps = [p.step for p in history(client, run.info.run_id, "train_loss")]
+    assert steps == list(range(step)), "the points before the divergence must be kept"
+    assert_no_huge_values(client, run)
+
+    assert skip_code == 0, skip_out + skip_err
+    client = store_client(skip_dir)
+    (run,) = all_runs(client)
+    assert run.info.status == "FINISHED"
+    assert int(run.data.tags["nonfinite_steps"]) > 0
+    assert "diverged_at_step" not in run.data.tags
+    assert_no_huge_values(client, run)
+
+
+# --- signals ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+                         ids=["SIGINT", "SIGTERM"])
+def test_signal_marks_run_killed(tmp_path, sig, code):
+    """C06 (b) Ctrl-C, (c) kill -TERM: the run ends KILLED with an end time, the process exits
+    128 + signal, and the metrics logged before the signal stay."""
+    log = tmp_path / "cli.log"
+    proc = start_cli(SMOKE, *LONG_RUN, cwd=tmp_path, log=log)
+    try:
+        client, run_id = wait_for_training(proc, log, tmp_path)
+        before = len(client.get_metric_history(run_id, "train_loss"))
+        proc.send_signal(sig)
+        returncode = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = log.read_text()
+    assert returncode == code, output
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED", output
+    assert run.info.end_time is not None and run.info.end_time >= run.info.start_time
+    assert len(client.get_metric_history(run_id, "train_loss")) >= before
+    assert "test_rmse" not in run.data.metrics
+
+
+def test_killed_process_run_is_closed_by_next_job(tmp_path):
+    """C06: a job killed with SIGKILL leaves its run RUNNING; the next job on the same store
+    marks it KILLED and says why."""
+    log = tmp_path / "cli.log"
+    proc = start_cli(SMOKE, *LONG_RUN, cwd=tmp_path, log=log)
+    try:
+        client, run_id = wait_for_training(proc, log, tmp_path)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)  # reaped: a zombie would still look alive
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+    code, out, err = finish(start_cli(SMOKE, "trainer.num_steps=20", cwd=tmp_path))
+    assert code == 0, out + err
+    killed = client.get_run(run_id)
+    assert killed.info.status == "KILLED"
+    assert killed.info.end_time is not None
+    assert str(proc.pid) in killed.data.tags.get("killed_reason", "")
+    statuses = sorted(r.info.status for r in all_runs(client))
+    assert statuses == ["FINISHED", "KILLED"]
+
+
+# --- errors the user can fix ------------------------------------------------------------------
+
+def experiment_names() -> list[str]:
+    return sorted(p.stem for p in (REPO / "trainer" / "conf" / "experiment").glob("*.yaml"))
+
+
+C11_CASES = [
+    ((SMOKE, "optim.learnin_rate=0.1"), ["optim.learnin_rate", "optim.learning_rate"]),
+    ((SMOKE, "+optim.learnin_rate=0.1"), ["optim.learnin_rate", "optim.learning_rate"]),
+    (("experiment=smoke",), ["experiment=smoke", "+experiment=smoke"]),
+    ((SMOKE, "trainer.num_steps=1.5"), ["trainer.num_steps", "1.5", "integer"]),
+    (("+experiment=nosuch",), ["nosuch", *experiment_names()]),
+    ((SMOKE, "data.batch_size=0"), ["data.batch_size", "greater than 0"]),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), C11_CASES,
+                         ids=["typo", "plus-typo", "no-plus", "float-for-int", "no-such-experiment",
+                              "zero-batch"])
+def test_config_errors_stop_before_any_run(run_cli, tmp_path, args, expected):
+    """C11: a typo or bad value exits 2 before any work, with one short message that names it
+    and the fix, no traceback and no store."""
+    proc = run_cli(*args)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    err = proc.stderr
+    assert "Traceback" not in err and "Error executing job" not in err
+    assert 0 < len(err.strip().splitlines()) <= 3, err
+    for text in expected:
+        assert text in err, f"{text!r} not in {err!r}"
+    assert not (tmp_path / "mlruns").exists()
+    assert not list(tmp_path.rglob("mlflow.db"))
+
+
+def test_missing_csv_is_reported(run_cli, tmp_path):
+    """Data errors: a missing file exits 2 naming the file; nothing is stored."""
+    proc = run_cli(SMOKE, "data=csv", "data.path=missing.csv", "data.target=[y]")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "missing.csv" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_non_numeric_csv_cell_is_reported(run_cli, tmp_path):
+    """Data errors: a non-numeric cell exits 2 naming the column and the line; nothing is stored."""
+    rows = ["a,b,y"] + [f"{i},{2 * i},{3 * i}" for i in range(20)]
+    rows[5] = "4,oops,12"  # line 6 of the file (line 1 is the header)
+    (tmp_path / "table.csv").write_text("\n".join(rows) + "\n")
+    proc = run_cli(SMOKE, "data=csv", "data.path=table.csv", "data.target=[y]")
+    err = proc.stderr
+    assert proc.returncode == 2, proc.stdout + err
+    assert "table.csv" in err and "'b'" in err and "line 6" in err and "oops" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "mlruns").exists()
