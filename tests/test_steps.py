@@ -65,7 +65,8 @@ def test_scanned_chunk_equals_single_steps(diabetes):
     key = jax.random.key(3)
     step = make_train_step(graphdef, tx, mse_loss, schedule)
     chunk = jax.jit(make_train_chunk(step, graphdef, mse_loss, num_steps=24, steps_per_call=k,
-                                     batch_size=batch_size, eval_every_steps=4))
+                                     batch_size=batch_size, eval_every_steps=4,
+                                     log_every_steps=2))
     scanned, (step_metrics, eval_metrics) = chunk(init_train_state(params, tx, key=key), data)
 
     single = jax.jit(step)
@@ -80,33 +81,39 @@ def test_scanned_chunk_equals_single_steps(diabetes):
         losses.append(float(m["train_loss"]))
     for a, b in zip(jax.tree.leaves(scanned.params), jax.tree.leaves(state.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(step_metrics["train_loss"], losses, rtol=1e-5)
-    assert eval_metrics["evaluated"].tolist() == [True, True, True]
-    assert eval_metrics["val_step"].tolist() == [3, 7, 11]
+    # metrics come back for the first step of each block of gcd(12, 4, 2) = 2 steps
+    assert step_metrics["step"].tolist() == list(range(0, k, 2))
+    np.testing.assert_allclose(step_metrics["train_loss"], losses[::2], rtol=1e-5)
+    assert eval_metrics["evaluated"].tolist() == [False, True] * 3
+    assert eval_metrics["val_step"][1::2].tolist() == [3, 7, 11]
 
 
-def test_ragged_last_chunk_is_masked(diabetes):
+@pytest.mark.parametrize("num_steps,every", [
+    (15, 5),   # blocks of 5, num_steps on a block boundary: whole blocks masked
+    (13, 5),   # blocks of 5, num_steps inside a block: single steps masked
+    (13, 1),   # blocks of 1
+])
+def test_ragged_last_chunk_is_masked(diabetes, num_steps, every):
     """num_steps not a multiple of steps_per_call: the tail does nothing, the last
     step is evaluated, and the step counter stops at num_steps."""
     graphdef, params, tx, schedule, data = small_setup(diabetes)
     step = make_train_step(graphdef, tx, mse_loss, schedule)
-    for eval_every in (5, 3):  # block-level and step-level masking
-        chunk = jax.jit(make_train_chunk(step, graphdef, mse_loss, num_steps=13,
-                                         steps_per_call=10, batch_size=32,
-                                         eval_every_steps=eval_every))
-        state = init_train_state(params, tx, key=jax.random.key(0))
-        state, first = chunk(state, data)
-        before = jax.tree.leaves(state.params)
-        state, (step_metrics, eval_metrics) = chunk(state, data)
-        assert int(state.step) == 13
-        assert step_metrics["active"].tolist() == [True] * 3 + [False] * 7
-        evaluated_at = eval_metrics["val_step"][eval_metrics["evaluated"]].tolist()
-        assert evaluated_at[-1] == 12
-        # a further chunk changes nothing
-        state2, _ = chunk(state, data)
-        for a, b in zip(jax.tree.leaves(state2.params), jax.tree.leaves(state.params)):
-            np.testing.assert_array_equal(a, b)
-        assert any(not np.array_equal(a, b) for a, b in zip(before, jax.tree.leaves(state.params)))
+    chunk = jax.jit(make_train_chunk(step, graphdef, mse_loss, num_steps=num_steps,
+                                     steps_per_call=10, batch_size=32, eval_every_steps=every,
+                                     log_every_steps=every))
+    state = init_train_state(params, tx, key=jax.random.key(0))
+    state, _ = chunk(state, data)
+    before = jax.tree.leaves(state.params)
+    state, (step_metrics, eval_metrics) = chunk(state, data)
+    assert int(state.step) == num_steps
+    active_steps = step_metrics["step"][step_metrics["active"]].tolist()
+    assert active_steps == list(range(10, num_steps, every))
+    evaluated_at = eval_metrics["val_step"][eval_metrics["evaluated"]].tolist()
+    assert evaluated_at[-1] == num_steps - 1
+    assert any(not np.array_equal(a, b) for a, b in zip(before, jax.tree.leaves(state.params)))
+    state2, _ = chunk(state, data)  # a further chunk changes nothing
+    for a, b in zip(jax.tree.leaves(state2.params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_nonfinite_step_is_recorded_on_device_and_skipped(diabetes):
@@ -121,7 +128,7 @@ def test_nonfinite_step_is_recorded_on_device_and_skipped(diabetes):
     state, m1 = step(state, bad)
     state, m2 = step(state, good)
     assert bool(m0["finite"]) and not bool(m1["finite"]) and bool(m2["finite"])
-    assert int(state.nonfinite_step) == 1
+    assert int(state.nonfinite_step) == 1 and int(state.nonfinite_count) == 1
     assert all(bool(jnp.isfinite(p).all()) for p in jax.tree.leaves(state.params))
 
 
@@ -185,20 +192,22 @@ def test_divergence_stops_with_the_step_and_keeps_earlier_points(diabetes):
 
 
 def test_chunk_points_are_plain_python_numbers():
-    """C08: values are Python floats, steps Python ints from start_step on."""
-    k = 6
-    step_metrics = {"train_loss": np.linspace(1, 2, k, dtype=np.float32),
-                    "grad_norm": np.ones(k, np.float32), "learning_rate": np.ones(k, np.float32),
-                    "finite": np.ones(k, bool), "active": np.array([1, 1, 1, 1, 1, 0], bool)}
+    """C08: values are Python floats, steps Python ints; only steps on the log grid."""
+    steps = np.array([10, 12, 14, 16], np.int32)
+    step_metrics = {"train_loss": np.linspace(1, 2, 4, dtype=np.float32),
+                    "grad_norm": np.ones(4, np.float32), "learning_rate": np.ones(4, np.float32),
+                    "finite": np.ones(4, bool), "step": steps,
+                    "active": np.array([1, 1, 1, 0], bool)}
     eval_metrics = {"val_loss": np.array([0.5, np.nan], np.float32),
-                    "val_step": np.array([12, 14], np.int32),
+                    "val_step": np.array([13, 15], np.int32),
                     "evaluated": np.array([True, False])}
-    points = chunk_points((step_metrics, eval_metrics), start_step=10, log_every_steps=2,
-                          num_steps=15)
-    train_steps = [s for n, _, s in points if n == "train_loss"]
-    assert train_steps == [10, 12, 14]  # every 2nd step and the last one
-    assert ("val_loss", 0.5, 12) in points
+    points = chunk_points((step_metrics, eval_metrics), log_every_steps=4)
+    assert [s for n, _, s in points if n == "train_loss"] == [12]
+    assert ("val_loss", 0.5, 13) in points
     assert all(type(v) is float and type(s) is int for _, v, s in points)
+    every = chunk_points((step_metrics, eval_metrics), log_every_steps=2, stop_before=13)
+    assert [s for n, _, s in every if n == "train_loss"] == [10, 12]
+    assert not [p for p in every if p[0] == "val_loss"]
 
 
 def test_chunk_timings_follow_completions():

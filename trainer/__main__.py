@@ -74,7 +74,7 @@ def run_job(cfg, err_console) -> int:
     hydra_cfg = HydraConfig.get()
     launch_dir = Path(hydra_cfg.runtime.cwd)
     experiment = hydra_cfg.runtime.choices.get("experiment") or "default"
-    overrides = list(hydra_cfg.overrides.task)
+    overrides = OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)  # as typed
     try:
         validate(cfg)
         c = to_config(cfg)

@@ -72,28 +72,25 @@ class RunResult:
     device: str = ""
 
 
-def chunk_points(metrics, *, start_step: int, log_every_steps: int, num_steps: int,
+def chunk_points(metrics, *, log_every_steps: int,
                  stop_before: int | None = None) -> list[tuple[str, float, int]]:
     """Turn one chunk's host metrics into ``(name, value, step)`` points.
 
-    Train metrics are kept at steps ``s`` with ``s % log_every_steps == 0`` and at
-    the last step; ``val_loss`` wherever it was evaluated. Steps are the plain
-    integers ``start_step .. start_step + K - 1`` (case C08). With
-    ``stop_before``, steps from there on are left out.
+    Train metrics are kept at the steps ``s`` with ``s % log_every_steps == 0``;
+    ``val_loss`` wherever it was evaluated. Values are Python floats and steps
+    Python ints (case C08). With ``stop_before``, steps from there on are left out.
 
     Args:
       metrics: ``(step_metrics, eval_metrics)`` as returned by the chunk (see
         ``steps.make_train_chunk``), as NumPy arrays.
     """
     step_metrics, eval_metrics = metrics
-    k = step_metrics["active"].shape[0]
-    steps = np.arange(start_step, start_step + k)
-    keep = step_metrics["active"].astype(bool)
+    steps = step_metrics["step"]
+    keep = step_metrics["active"].astype(bool) & (steps % log_every_steps == 0)
     if stop_before is not None:
         keep &= steps < stop_before
-    train_mask = keep & ((steps % log_every_steps == 0) | (steps == num_steps - 1))
     points = []
-    for i in np.flatnonzero(train_mask):
+    for i in np.flatnonzero(keep):
         step = int(steps[i])
         for name in ("train_loss", "grad_norm", "learning_rate"):
             points.append((name, float(step_metrics[name][i]), step))
@@ -238,7 +235,8 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
                                  skip_nonfinite=tcfg.on_nonfinite == "skip")
     train_chunk = make_train_chunk(train_step, graphdef, loss_fn, num_steps=num_steps,
                                    steps_per_call=steps_per_call, batch_size=batch_size,
-                                   eval_every_steps=tcfg.eval_every_steps)
+                                   eval_every_steps=tcfg.eval_every_steps,
+                                   log_every_steps=tcfg.log_every_steps)
     tracker.log_metrics([("num_params", num_params, 0), ("batch_size", batch_size, 0)])
 
     t0 = time.perf_counter()
@@ -247,8 +245,6 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
 
     num_chunks = -(-num_steps // steps_per_call)
     history: dict[str, tuple[list[int], list[float]]] = {}
-    nonfinite_steps = 0
-    first_nonfinite: int | None = None
     # Pipelined: chunk c+1 is queued on the device before the host fetches and logs
     # chunk c, so host work (metrics, MLflow) overlaps device work. done_at[c] is when
     # chunk c's results reached the host (device_get blocks until they are ready).
@@ -260,19 +256,13 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
             state, metrics = pending
             if c + 1 < num_chunks:
                 pending = compiled(state, data)
-            metrics = jax.device_get(metrics)  # one device-to-host transfer per chunk
+            # one device-to-host transfer per chunk: metrics and the non-finite record
+            metrics, first_bad = jax.device_get((metrics, state.nonfinite_step))
             done_at.append(time.perf_counter())
-            start_step = c * steps_per_call
-            bad = metrics[0]["active"] & ~metrics[0]["finite"]
             stop_before = None
-            if bad.any():
-                first_bad = start_step + int(np.flatnonzero(bad)[0])
-                first_nonfinite = first_bad if first_nonfinite is None else first_nonfinite
-                nonfinite_steps += int(bad.sum())
-                if tcfg.on_nonfinite == "stop":
-                    stop_before = first_bad
-            points = chunk_points(metrics, start_step=start_step,
-                                  log_every_steps=tcfg.log_every_steps, num_steps=num_steps,
+            if first_bad >= 0 and tcfg.on_nonfinite == "stop":
+                stop_before = int(first_bad)
+            points = chunk_points(metrics, log_every_steps=tcfg.log_every_steps,
                                   stop_before=stop_before)
             tracker.log_metrics(points)
             for name, value, step in points:
@@ -287,12 +277,14 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
                 raise NonFiniteLossError(stop_before, float(schedule(stop_before)))
             interval = done_at[-1] - (done_at[-2] if c else t_start)
             last_loss = history.get("train_loss", ([], [float("nan")]))[1][-1]
-            progress(min(start_step + steps_per_call, num_steps), last_loss,
+            progress(min((c + 1) * steps_per_call, num_steps), last_loss,
                      steps_per_call / interval)
     jax.block_until_ready(state)
     done_at[-1] = time.perf_counter()
-    if first_nonfinite is not None:
-        tracker.set_tags({"first_nonfinite_step": str(first_nonfinite),
+    first_bad, nonfinite_steps = (int(v) for v in jax.device_get(
+        (state.nonfinite_step, state.nonfinite_count)))
+    if first_bad >= 0:
+        tracker.set_tags({"first_nonfinite_step": str(first_bad),
                           "nonfinite_steps": str(nonfinite_steps)})
 
     predict = jax.jit(make_predict(graphdef))

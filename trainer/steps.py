@@ -35,6 +35,7 @@ class TrainState(NamedTuple):
       key: PRNG key for shuffling; epoch ``e`` uses ``fold_in(key, e)``.
       nonfinite_step: int32 scalar, the first step whose loss or gradient was not
         finite, or -1 while every step has been finite.
+      nonfinite_count: int32 scalar, how many steps were not finite.
     """
 
     step: jax.Array
@@ -42,6 +43,7 @@ class TrainState(NamedTuple):
     opt_state: Any
     key: jax.Array
     nonfinite_step: jax.Array
+    nonfinite_count: jax.Array
 
 
 class DeviceData(NamedTuple):
@@ -103,7 +105,8 @@ def init_train_state(params, optimizer: optax.GradientTransformation, *,
     """Step 0: ``params`` as given, a fresh optimizer state, ``key`` for shuffling."""
     return TrainState(step=jnp.asarray(0, jnp.int32), params=params,
                       opt_state=optimizer.init(params), key=key,
-                      nonfinite_step=jnp.asarray(-1, jnp.int32))
+                      nonfinite_step=jnp.asarray(-1, jnp.int32),
+                      nonfinite_count=jnp.asarray(0, jnp.int32))
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: LossFn,
@@ -113,7 +116,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
     The loss and its gradient come from one ``jax.value_and_grad`` call; the
     update from ``optimizer``. A step whose loss or gradient norm is not finite
     is detected on the device: its update is dropped (``params`` and ``opt_state``
-    stay as they were) and ``state.nonfinite_step`` records the first such step.
+    stay as they were) when ``skip_nonfinite``; ``state.nonfinite_step`` records
+    the first such step and ``state.nonfinite_count`` counts them.
 
     Returns metrics (float32 scalars unless stated): ``train_loss``, ``grad_norm``
     (global L2 norm of the gradient, ``optax.tree.norm``), ``learning_rate``
@@ -137,7 +141,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
         first_bad = jnp.where((state.nonfinite_step < 0) & ~finite, state.step,
                               state.nonfinite_step)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                               key=state.key, nonfinite_step=first_bad)
+                               key=state.key, nonfinite_step=first_bad,
+                               nonfinite_count=state.nonfinite_count + (~finite).astype(jnp.int32))
         metrics = {"train_loss": loss, "grad_norm": grad_norm,
                    "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
                    "finite": finite}
@@ -147,18 +152,19 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
 
 
 def _masked(fn, num_steps: int):
-    """``fn(state, data)`` where ``state.step < num_steps``; else no change and zero,
+    """``fn(state, *args)`` where ``state.step < num_steps``; else no change and zero,
     inactive metrics of the same shapes."""
 
-    def skip(state, data):
-        _, shapes = jax.eval_shape(fn, state, data)
+    def skip(state, *args):
+        _, shapes = jax.eval_shape(fn, state, *args)
         return state, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
-    return lambda state, data: lax.cond(state.step < num_steps, fn, skip, state, data)
+    return lambda state, *args: lax.cond(state.step < num_steps, fn, skip, state, *args)
 
 
 def make_train_chunk(train_step, graphdef, loss_fn: LossFn, *, num_steps: int,
-                     steps_per_call: int, batch_size: int, eval_every_steps: int):
+                     steps_per_call: int, batch_size: int, eval_every_steps: int,
+                     log_every_steps: int):
     """Build ``train_chunk(state, data) -> (state, (step_metrics, eval_metrics))``:
     ``steps_per_call`` steps in one ``lax.scan``, to be wrapped in ``jax.jit``.
 
@@ -166,39 +172,46 @@ def make_train_chunk(train_step, graphdef, loss_fn: LossFn, *, num_steps: int,
     order ``jax.random.permutation(fold_in(state.key, e), N_train)``, in
     ``steps_per_epoch = N_train // batch_size`` batches of exactly ``batch_size``
     rows (the ragged remainder of each epoch is dropped, so shapes never change).
+    The orders are drawn once per chunk for the epochs it touches: a permutation
+    costs about as much as a small step.
 
-    The steps run in blocks of ``b = gcd(steps_per_call, eval_every_steps)``; after
-    each block the validation loss is computed on the device if the step count is
-    a multiple of ``eval_every_steps`` or equals ``num_steps``. One ``lax.cond``
-    per block, not per step, keeps the common step cheap. Steps at or beyond
-    ``num_steps`` (the tail of the last chunk) are masked: they change nothing and
-    report ``active = False``.
+    The steps run in blocks of ``b = gcd(steps_per_call, eval_every_steps,
+    log_every_steps)``. The first step of each block returns its metrics (every
+    logged step is such a step); the others return none, so XLA drops their
+    gradient norm and learning rate. After each block the validation loss is
+    computed if the step count is a multiple of ``eval_every_steps`` or equals
+    ``num_steps``: one ``lax.cond`` per block, not per step. Non-finite steps are
+    counted on the device in the state (``nonfinite_step``, ``nonfinite_count``).
+    Steps at or beyond ``num_steps`` (the tail of the last chunk) are masked: they
+    change nothing and report ``active = False``.
 
     Returns:
-      ``step_metrics``: those of ``make_train_step`` plus ``active`` (bool), each of
-      shape ``(steps_per_call,)``. ``eval_metrics``: ``val_loss`` (float32, NaN
-      where not evaluated), ``val_step`` (int32, the step after which it was
-      computed) and ``evaluated`` (bool), each of shape ``(steps_per_call // b,)``.
+      ``step_metrics``: those of ``make_train_step`` plus ``step`` (int32) and
+      ``active`` (bool), for the first step of each block; ``eval_metrics``:
+      ``val_loss`` (float32, NaN where not evaluated), ``val_step`` (int32, the
+      step after which it was computed) and ``evaluated`` (bool). Each of shape
+      ``(steps_per_call // b,)``.
     """
-    block = math.gcd(steps_per_call, eval_every_steps)
+    block = math.gcd(steps_per_call, eval_every_steps, log_every_steps)
     n_blocks = steps_per_call // block
     ragged = num_steps % steps_per_call != 0  # the last chunk runs past num_steps
 
-    def one_step(state: TrainState, data: DeviceData):
-        n_train = data.x_train.shape[0]
-        steps_per_epoch = n_train // batch_size
+    def one_step(state: TrainState, data: DeviceData, orders: jax.Array, first_epoch):
+        steps_per_epoch = data.x_train.shape[0] // batch_size
         epoch, pos = jnp.divmod(state.step, steps_per_epoch)
-        order = jax.random.permutation(jax.random.fold_in(state.key, epoch), n_train)
-        idx = lax.dynamic_slice_in_dim(order, pos * batch_size, batch_size)
+        idx = lax.dynamic_slice_in_dim(orders[epoch - first_epoch], pos * batch_size, batch_size)
         new_state, metrics = train_step(state, (data.x_train[idx], data.y_train[idx]))
-        return new_state, {**metrics, "active": jnp.asarray(True)}
+        return new_state, {**metrics, "step": state.step, "active": jnp.asarray(True)}
 
     # Mask whole blocks when num_steps falls on a block boundary, else single steps.
     step_fn = _masked(one_step, num_steps) if ragged and num_steps % block else one_step
 
-    def one_block(state: TrainState, data: DeviceData):
+    def one_block(state: TrainState, data: DeviceData, orders: jax.Array, first_epoch):
         start = state.step
-        state, metrics = lax.scan(lambda s, _: step_fn(s, data), state, None, length=block)
+        state, metrics = step_fn(state, data, orders, first_epoch)
+        if block > 1:
+            state, _ = lax.scan(lambda s, _: (step_fn(s, data, orders, first_epoch)[0], None),
+                                state, None, length=block - 1)
         evaluated = (state.step > start) & (
             (state.step % eval_every_steps == 0) | (state.step == num_steps))
         val = lax.cond(evaluated,
@@ -210,10 +223,15 @@ def make_train_chunk(train_step, graphdef, loss_fn: LossFn, *, num_steps: int,
     block_fn = _masked(one_block, num_steps) if ragged and not num_steps % block else one_block
 
     def train_chunk(state: TrainState, data: DeviceData):
-        state, (step_metrics, eval_metrics) = lax.scan(
-            lambda s, _: block_fn(s, data), state, None, length=n_blocks)
-        step_metrics = jax.tree.map(lambda m: m.reshape(steps_per_call), step_metrics)
-        return state, (step_metrics, eval_metrics)
+        n_train = data.x_train.shape[0]
+        steps_per_epoch = n_train // batch_size
+        n_epochs = steps_per_call // steps_per_epoch + 2  # static bound on epochs touched
+        first_epoch = state.step // steps_per_epoch
+        orders = jax.vmap(lambda e: jax.random.permutation(jax.random.fold_in(state.key, e),
+                                                           n_train))(
+            first_epoch + jnp.arange(n_epochs))  # (n_epochs, N_train) int32
+        return lax.scan(lambda s, _: block_fn(s, data, orders, first_epoch), state, None,
+                        length=n_blocks)
 
     return train_chunk
 

@@ -175,9 +175,12 @@ def _mark_dead_runs_killed(client) -> None:
 class MlflowTracker:
     """Writes one run. Every value is a plain Python number or string (case C08).
 
-    Metrics go through MLflow's asynchronous logging (``log_batch(...,
-    synchronous=False)``): the call queues the batch and MLflow's worker thread
-    writes it while training goes on (case C09); ``flush`` waits for all of them.
+    Metric points are buffered and sent in batches of up to ``METRICS_PER_BATCH``
+    at most every ``send_every_s`` seconds, through MLflow's asynchronous logging
+    (``log_batch(..., synchronous=False)``): MLflow's worker thread writes them
+    while training goes on (case C09). Each write to a SQLite store costs
+    milliseconds whatever its size, so batching by time keeps that cost off the
+    device's critical path. ``flush`` sends the rest and waits for all of it.
 
     Attributes:
       run_id: the run's id.
@@ -185,10 +188,13 @@ class MlflowTracker:
         (queueing, synchronous calls and waiting in ``flush``).
     """
 
-    def __init__(self, client, run_id: str):
+    def __init__(self, client, run_id: str, *, send_every_s: float = 1.0):
         self.client = client
         self.run_id = run_id
+        self.send_every_s = send_every_s
         self.log_s = 0.0
+        self._buffer: list = []
+        self._last_send = time.perf_counter()
         self._pending: list = []
 
     @contextlib.contextmanager
@@ -225,21 +231,38 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics, dropped = [], 0
+        dropped = 0
         for name, value, step in points:
             value = float(value)
             if not math.isfinite(value):
                 dropped += 1
                 continue
-            metrics.append(Metric(name, value, now, int(step)))
-        with self._timed():
-            for i in range(0, len(metrics), METRICS_PER_BATCH):
-                self._pending.append(self.client.log_batch(
-                    self.run_id, metrics=metrics[i:i + METRICS_PER_BATCH], synchronous=False))
+            self._buffer.append(Metric(name, value, now, int(step)))
+        if (len(self._buffer) >= METRICS_PER_BATCH
+                or time.perf_counter() - self._last_send >= self.send_every_s):
+            self._send()
         return dropped
 
+    def _send(self) -> None:
+        with self._timed():
+            buffer, self._buffer = self._buffer, []
+            for i in range(0, len(buffer), METRICS_PER_BATCH):
+                self._pending.append(self.client.log_batch(
+                    self.run_id, metrics=buffer[i:i + METRICS_PER_BATCH], synchronous=False))
+            self._last_send = time.perf_counter()
+            # Settle finished batches now (raising a failed write's error) so the list
+            # stays short on long runs.
+            still = []
+            for operation in self._pending:
+                if _done(operation):
+                    operation.wait()
+                else:
+                    still.append(operation)
+            self._pending = still
+
     def flush(self) -> None:
-        """Wait until every queued metric batch is written; raise the first failure."""
+        """Send buffered points and wait until every batch is written; raise the first failure."""
+        self._send()
         with self._timed():
             pending, self._pending = self._pending, []
             for operation in pending:
@@ -299,6 +322,12 @@ def start_run(client, experiment_id: str, *, run_name: str,
                 tracker.flush()  # what was logged before a fault stays
             finally:
                 client.set_terminated(tracker.run_id, status)
+
+
+def _done(operation) -> bool:
+    """Whether an MLflow ``RunOperations`` has completed (its futures are done)."""
+    futures = getattr(operation, "_operation_futures", None)
+    return futures is not None and all(f.done() for f in futures)
 
 
 def _record_error(tracker: MlflowTracker, message: str, err: BaseException) -> None:
