@@ -15,7 +15,6 @@ import os
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -388,8 +387,3 @@ def ui_command(store: Store) -> str:
         return f"open {store.tracking_uri}"
     return ("MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --backend-store-uri "
             f"{store.tracking_uri} --host 127.0.0.1 --port 5000 --workers 1")
-
-
-def scratch_dir() -> tempfile.TemporaryDirectory:
-    """A temporary folder for artifacts on their way to the store."""
-    return tempfile.TemporaryDirectory(prefix="trainer-")
