@@ -62,6 +62,8 @@ def test_params_resolve_interpolations():
     (["model.hidden=[8,x]"], "expected a list of an integer"),
     (["-m", "optim.learning_rate=0.1,oops"], "expected a number"),
     (["seedd=1"], "did you mean 'seed'"),
+    (["data.target=y1"], "write a list: data.target=[y1]"),
+    (["data.path=~/x.csv"], "Quote values"),
 ])
 def test_c11_overrides_are_checked_before_hydra(overrides, message):
     """C11: typos, missing '+', wrong types and unknown experiments get one message
@@ -85,6 +87,11 @@ def test_c11_good_overrides_pass():
     (["model.tied_hidden=true", "model.hidden=[8,4]"], "equal hidden widths"),
     (["data.val_fraction=0.5", "data.test_fraction=0.45"], "at least 10%"),
     (["data=csv"], "data.path"),
+    (["seed=-1"], "seed=-1: must be >= 0"),
+    (["optim.weight_decay=-1"], "optim.weight_decay=-1.0: must be >= 0"),
+    (["optim.momentum=1.5"], "optim.momentum=1.5: must lie in [0, 1)"),
+    (["model.init_scale=-1"], "model.init_scale=-1.0: must be greater than 0"),
+    (["optim.warmup_steps=5000"], "less than trainer.num_steps=60"),
 ])
 def test_composed_config_is_validated(overrides, message):
     with pytest.raises(ConfigError, match=None) as err:

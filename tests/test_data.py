@@ -106,3 +106,27 @@ def test_csv_errors_name_file_column_and_line(tmp_path, content, cfg_kw, message
         load_dataset(csv_cfg(path, **cfg_kw), seed=0)
     assert message in str(err.value)
     assert str(path) in str(err.value) or "data.target" in message or "too few" in message
+
+
+def test_csv_auto_task_takes_text_labels_as_classes(tmp_path):
+    text = "f1,f2,species\n" + "".join(f"{i},{i % 3},{['a', 'b', 'c'][i % 3]}\n"
+                                       for i in range(30))
+    d = load_dataset(csv_cfg(write(tmp_path, text), target=["species"]), seed=0)
+    assert d.task == "classification" and d.class_names == ("a", "b", "c")
+
+
+def test_csv_refuses_a_continuous_column_as_classes(tmp_path):
+    """Classification on a column of decimals stops before training, naming the fix."""
+    with pytest.raises(DataError, match="too many to be classes.*data.task=regression"):
+        load_dataset(csv_cfg(write(tmp_path, table()), task="classification"), seed=0)
+
+
+def test_csv_text_in_a_regression_target_suggests_classification(tmp_path):
+    text = "a,y\n" + "".join(f"{i},{'x' if i == 3 else i}\n" for i in range(20))
+    with pytest.raises(DataError, match="line 5.*data.task=classification"):
+        load_dataset(csv_cfg(write(tmp_path, text), task="regression"), seed=0)
+
+
+def test_csv_with_another_delimiter_says_so(tmp_path):
+    with pytest.raises(DataError, match="another delimiter"):
+        load_dataset(csv_cfg(write(tmp_path, table().replace(",", ";"))), seed=0)

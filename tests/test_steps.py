@@ -211,11 +211,15 @@ def test_chunk_points_are_plain_python_numbers():
 
 
 def test_chunk_timings_follow_completions():
-    """C10: step time is the median interval between completions / steps per chunk;
-    steps/s counts only the chunks after the first."""
-    t = chunk_timings(10.0, [12.0, 13.0, 14.0], num_steps=300, steps_per_call=100)
+    """C10: step time is the median over chunks of interval / steps; steps/s counts
+    only the chunks after the first."""
+    t = chunk_timings(10.0, [12.0, 13.0, 14.0], [100, 100, 100])
     assert t["first_call_s"] == pytest.approx(2.0)
     assert t["train_s"] == pytest.approx(4.0)
+    assert t["step_s"] == pytest.approx(0.01)
+    assert t["steps_per_s"] == pytest.approx(100.0)
+    # a short last chunk counts its own steps
+    t = chunk_timings(10.0, [12.0, 13.0, 13.5], [100, 100, 50])
     assert t["step_s"] == pytest.approx(0.01)
     assert t["steps_per_s"] == pytest.approx(100.0)
 

@@ -116,3 +116,15 @@ def test_experiment_artifacts_live_beside_the_store(store, tmp_path):
     location = client.get_experiment(exp).artifact_location
     assert location == (tmp_path / "mlruns" / "artifacts" / "unit").as_uri()
     assert get_or_create_experiment(client, s, "unit") == exp
+
+
+def test_unreachable_tracking_server_fails_in_seconds(tmp_path):
+    """A server that does not answer gives one clear error at once, not minutes of retries."""
+    import time
+
+    from trainer.tracking import TrackingError
+
+    t0 = time.perf_counter()
+    with pytest.raises(TrackingError, match="cannot reach the tracking server"):
+        open_store(resolve_store("http://127.0.0.1:9", tmp_path))
+    assert time.perf_counter() - t0 < 15

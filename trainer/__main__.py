@@ -50,8 +50,9 @@ def main() -> int:
     except KeyboardInterrupt as err:
         from .tracking import Terminated
 
-        err_console.print(f"[bold red]stopped:[/] {err or 'interrupted (Ctrl-C)'}; "
-                          "the run is marked KILLED")
+        if not getattr(err, "reported", False):  # stopped before any run was opened
+            err_console.print(f"[bold red]stopped:[/] {str(err) or 'interrupted (Ctrl-C)'}; "
+                              "no run was open")
         return EXIT_SIGTERM if isinstance(err, Terminated) else EXIT_SIGINT
     return max(exit_codes, default=0)
 
@@ -97,12 +98,14 @@ def run_job(cfg, err_console) -> int:
         return EXIT_FAILED
     console.print(f"tracking store: {store.tracking_uri}")
     job = f"-job{hydra_cfg.job.num}" if hydra_cfg.mode.name == "MULTIRUN" else ""
-    run_name = c.tracking.run_name or (
-        f"{experiment}-{c.model.kind}-{c.optim.name}-lr{c.optim.learning_rate:g}-seed{c.seed}{job}")
+    data = "" if dataset.name == experiment else f"-{dataset.name}"
+    run_name = c.tracking.run_name or (f"{experiment}{data}-{c.model.kind}-{c.optim.name}-"
+                                       f"lr{c.optim.learning_rate:g}-seed{c.seed}{job}")
     tags = {**environment_tags(), "experiment": experiment, "overrides": " ".join(overrides),
             "tracking_uri": store.tracking_uri, "launch_dir": str(launch_dir),
             "hydra.output_dir": hydra_cfg.runtime.output_dir, "dataset": dataset.name,
             "task": dataset.task}
+    tracker = None
     try:
         with start_run(client, experiment_id, run_name=run_name, tags=tags) as tracker:
             console.print(f"run {tracker.run_id} ({run_name}) in experiment {experiment_name!r}")
@@ -111,14 +114,24 @@ def run_job(cfg, err_console) -> int:
             tracker.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
             tracker.log_text(OmegaConf.to_yaml(overrides), "overrides.yaml")
             result = train_and_evaluate(c, dataset, tracker, console=console)
+    except KeyboardInterrupt as err:
+        closed = f"run {tracker.run_id} ended KILLED" if tracker else "no run was open"
+        reason = str(err) or "interrupted (Ctrl-C)"
+        err_console.print(f"[bold red]stopped:[/] {reason}; {closed}")
+        err.reported = True
+        raise
     except NonFiniteLossError as err:
         err_console.print(f"[bold red]diverged:[/] {err}. Run {tracker.run_id} ended FAILED.")
         return EXIT_FAILED
     except (ValueError, TrackingError) as err:
-        err_console.print(f"[bold red]error:[/] {err}. Run {tracker.run_id} ended FAILED.")
+        closed = f" Run {tracker.run_id} ended FAILED." if tracker else ""
+        err_console.print(f"[bold red]error:[/] {err}.{closed}")
         return EXIT_FAILED
+    repo_root = Path(__file__).resolve().parents[1]
+    make_ui = (launch_dir.resolve() == repo_root and (repo_root / "Makefile").is_file()
+               and store.lock_path == repo_root / "mlruns" / ".mlflow.db.lock")
     print_summary(console, result=result, run_id=tracker.run_id, experiment=experiment_name,
-                  ui=ui_command(store), tracking_uri=store.tracking_uri)
+                  ui="make ui" if make_ui else ui_command(store), tracking_uri=store.tracking_uri)
     return 0
 
 

@@ -169,7 +169,9 @@ def check_overrides(overrides: list[str]) -> None:
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as err:
-        raise ConfigError(f"cannot parse the overrides: {' '.join(str(err).split())}") from None
+        raise ConfigError(f"cannot parse the overrides: {' '.join(str(err).split())}. Quote "
+                          "values with special characters, e.g. 'data.path=\"~/x.csv\"'"
+                          ) from None
     for ov in parsed:
         key = ov.key_or_group
         text = ov.input_line
@@ -217,8 +219,13 @@ def _check_type(key: str, value: Any, expected) -> None:
     if isinstance(value, str) and "${" in value:
         return  # an interpolation: checked after Hydra resolves it
     if not _type_ok(value, expected):
+        hint = ""
+        if typing.get_origin(expected) is list or list in map(typing.get_origin,
+                                                               typing.get_args(expected)):
+            if not isinstance(value, (list, ListConfig)):
+                hint = f"; write a list: {key}=[{value}]"
         raise ConfigError(f"{key}={value!r}: expected {_type_name(expected)}, "
-                          f"got {type(value).__name__} {value!r}")
+                          f"got {type(value).__name__} {value!r}{hint}")
 
 
 def _type_ok(value: Any, expected) -> bool:
@@ -282,8 +289,19 @@ def validate(cfg: DictConfig) -> None:
     _positive("optim.learning_rate", c.optim.learning_rate)
     if c.optim.clip_norm is not None:
         _positive("optim.clip_norm", c.optim.clip_norm)
-    if c.optim.warmup_steps < 0:
-        raise ConfigError(f"optim.warmup_steps={c.optim.warmup_steps}: must be >= 0")
+    if not 0 <= c.optim.warmup_steps < c.trainer.num_steps:
+        raise ConfigError(f"optim.warmup_steps={c.optim.warmup_steps}: must be >= 0 and less "
+                          f"than trainer.num_steps={c.trainer.num_steps}")
+    if c.seed < 0:
+        raise ConfigError(f"seed={c.seed}: must be >= 0")
+    if c.optim.weight_decay < 0:
+        raise ConfigError(f"optim.weight_decay={c.optim.weight_decay}: must be >= 0")
+    if not 0 <= c.optim.momentum < 1:
+        raise ConfigError(f"optim.momentum={c.optim.momentum}: must lie in [0, 1)")
+    if not 0 <= c.optim.final_lr_fraction <= 1:
+        raise ConfigError(f"optim.final_lr_fraction={c.optim.final_lr_fraction}: must lie in "
+                          "[0, 1]")
+    _positive("model.init_scale", c.model.init_scale)
     for key in ("val_fraction", "test_fraction"):
         value = getattr(c.data, key)
         if not 0.0 < value < 1.0:

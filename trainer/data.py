@@ -17,6 +17,8 @@ import numpy as np
 __all__ = ["Dataset", "DataError", "load_dataset", "DATA_KINDS"]
 
 DATA_KINDS = ("seed", "diabetes", "digits", "csv")
+MAX_CLASSES = 1000        # more distinct labels than this cannot be classes of a small table
+MAX_CLASSES_SHARE = 0.5   # nor more than one class per two rows
 
 
 class DataError(ValueError):
@@ -184,21 +186,25 @@ def _load_csv(data, seed: int) -> Dataset:
     features = list(data.features) if data.features else [c for c in columns if c not in targets]
     for col in targets + features:
         if col not in columns:
-            raise DataError(f"{path}: no column {col!r}; the columns are {columns}")
+            hint = ""
+            if len(columns) == 1 and any(d in columns[0] for d in ";\t|"):
+                hint = " (the file seems to use another delimiter; save it comma-separated)"
+            raise DataError(f"{path}: no column {col!r}; the columns are {columns}{hint}")
     overlap = set(targets) & set(features)
     if overlap:
         raise DataError(f"{path}: column(s) {sorted(overlap)} are both target and feature")
     if not features:
         raise DataError(f"{path}: no feature columns left besides the target {targets}")
     task = data.task
-    if task == "auto":
-        task = "regression"
+    if task == "auto":  # numbers are a regression target, text labels name classes
+        numeric = all(_is_numeric(frame[col]) for col in targets)
+        task = "regression" if numeric or len(targets) > 1 else "classification"
     if task == "classification" and len(targets) != 1:
         raise DataError(f"classification takes one target column, got {targets}")
 
     x = np.column_stack([_numeric_column(frame, col, path) for col in features])
     if task == "regression":
-        y = np.column_stack([_numeric_column(frame, col, path) for col in targets])
+        y = np.column_stack([_numeric_column(frame, col, path, target=True) for col in targets])
         class_names: tuple[str, ...] = ()
     else:
         labels = frame[targets[0]].str.strip()
@@ -212,10 +218,25 @@ def _load_csv(data, seed: int) -> Dataset:
         if len(class_names) < 2:
             raise DataError(f"{path}: column {targets[0]!r} has one class only; "
                             "classification needs two or more")
+        if len(class_names) > max(MAX_CLASSES_SHARE * len(labels), 2) or \
+                len(class_names) > MAX_CLASSES:
+            raise DataError(
+                f"{path}: column {targets[0]!r} has {len(class_names)} distinct values in "
+                f"{len(labels)} rows: too many to be classes (at most {MAX_CLASSES}, and at "
+                f"most one per {int(1 / MAX_CLASSES_SHARE)} rows); for a numeric target use "
+                "data.task=regression")
     return _split(path.stem, task, x, y, tuple(features), tuple(targets), class_names, data, seed)
 
 
-def _numeric_column(frame, col: str, path: Path) -> np.ndarray:
+def _is_numeric(column) -> bool:
+    import pandas as pd
+
+    raw = column.str.strip()
+    filled = raw[raw != ""]
+    return bool(pd.to_numeric(filled, errors="coerce").notna().all())
+
+
+def _numeric_column(frame, col: str, path: Path, *, target: bool = False) -> np.ndarray:
     import pandas as pd
 
     raw = frame[col].str.strip()
@@ -224,9 +245,11 @@ def _numeric_column(frame, col: str, path: Path) -> np.ndarray:
     if bad.size:
         row = bad[0]
         what = "missing value" if raw.iloc[row] == "" else f"non-numeric value {raw.iloc[row]!r}"
+        fix = ("for class labels set data.task=classification" if target and raw.iloc[row]
+               else "or leave the column out with data.features" if not target else "")
         raise DataError(f"{path}: {what} in column {col!r} at line {row + 2} (line 1 is the "
                         f"header); {bad.size} such row(s) in that column. Fix or drop those rows"
-                        ", or leave the column out with data.features")
+                        + (f"; {fix}" if fix else ""))
     return values
 
 

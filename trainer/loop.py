@@ -148,11 +148,14 @@ def linear_baseline(dataset: Dataset) -> dict[str, float]:
         model = LinearRegression().fit(dataset.x_train, dataset.y_train)
         return evaluate_test(dataset, model.predict(dataset.x_test))
     model = LogisticRegression(max_iter=2000).fit(dataset.x_train, dataset.y_train)
-    return _class_metrics(dataset, model.predict_proba(dataset.x_test))
+    # Classes absent from the training rows get probability 0, so columns match labels.
+    probs = np.zeros((len(dataset.x_test), len(dataset.class_names)))
+    probs[:, model.classes_] = model.predict_proba(dataset.x_test)
+    return _class_metrics(dataset, probs / probs.sum(1, keepdims=True))  # float32 -> exact sums
 
 
-def chunk_timings(t_start: float, done_at: list[float], num_steps: int,
-                  steps_per_call: int) -> dict[str, float]:
+def chunk_timings(t_start: float, done_at: list[float], chunk_steps: list[int]
+                  ) -> dict[str, float]:
     """Step-time figures from the times at which each chunk's results reached the host.
 
     Args:
@@ -160,21 +163,22 @@ def chunk_timings(t_start: float, done_at: list[float], num_steps: int,
         (after compilation).
       done_at: completion time of each chunk, the last one taken after
         ``jax.block_until_ready`` on the final state (case C10).
+      chunk_steps: the steps each chunk ran (the last one may run fewer).
 
     Returns:
       seconds: ``first_call_s`` (first chunk, dispatch to results), ``train_s`` (all
-      chunks), ``step_s`` (median chunk interval / steps per chunk); and
-      ``steps_per_s`` over the steady state (chunks after the first; all of them
+      chunks), ``step_s`` (median over chunks of interval / steps); and
+      ``steps_per_s`` over the steady state (chunks after the first; the only one
       when there is one). Intervals are wall time between completions, so they
       include host work (metrics, MLflow) whenever the device had to wait for it.
     """
     intervals = np.diff([t_start, *done_at])
     if len(done_at) > 1:
-        steady_steps, steady_s = num_steps - steps_per_call, done_at[-1] - done_at[0]
+        steady_steps, steady_s = sum(chunk_steps[1:]), done_at[-1] - done_at[0]
     else:
-        steady_steps, steady_s = num_steps, done_at[0] - t_start
+        steady_steps, steady_s = chunk_steps[0], done_at[0] - t_start
     return {"first_call_s": float(intervals[0]), "train_s": done_at[-1] - t_start,
-            "step_s": float(np.median(intervals)) / steps_per_call,
+            "step_s": float(np.median(intervals / np.asarray(chunk_steps))),
             "steps_per_s": steady_steps / steady_s}
 
 
@@ -224,6 +228,11 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
 
     n_train = dataset.x_train.shape[0]
     batch_size = min(cfg.data.batch_size, n_train)
+    if batch_size < cfg.data.batch_size:
+        tracker.set_tags({"batch_size_clamped": f"{cfg.data.batch_size} -> {batch_size}"})
+        if console is not None:
+            console.print(f"data.batch_size={cfg.data.batch_size} is more than the {n_train} "
+                          f"training rows: each step uses all {n_train}")
     steps_per_call = min(tcfg.steps_per_call, num_steps)
     check_scalar_loss(loss_fn, graphdef, params, dataset.x_train[:batch_size],
                       dataset.y_train[:batch_size])
@@ -272,13 +281,14 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
             if c == 0 and console is not None:
                 console.print(f"step 0: loss {float(metrics[0]['train_loss'][0]):.8g}, "
                               f"gradient norm {float(metrics[0]['grad_norm'][0]):.8g}")
+            done = min((c + 1) * steps_per_call, num_steps) if stop_before is None \
+                else stop_before
+            interval = done_at[-1] - (done_at[-2] if c else t_start)
+            last_loss = history.get("train_loss", ([], [float("nan")]))[1][-1]
+            progress(done, last_loss, (done - c * steps_per_call) / interval)
             if stop_before is not None:
                 tracker.set_tags({"diverged_at_step": str(stop_before)})
                 raise NonFiniteLossError(stop_before, float(schedule(stop_before)))
-            interval = done_at[-1] - (done_at[-2] if c else t_start)
-            last_loss = history.get("train_loss", ([], [float("nan")]))[1][-1]
-            progress(min((c + 1) * steps_per_call, num_steps), last_loss,
-                     steps_per_call / interval)
     jax.block_until_ready(state)
     done_at[-1] = time.perf_counter()
     first_bad, nonfinite_steps = (int(v) for v in jax.device_get(
@@ -294,8 +304,9 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
     final = [(f"test_{k}", v, num_steps) for k, v in test_metrics.items()]
     final += [(f"baseline_test_{k}", v, num_steps) for k, v in baseline.items()]
     final.append(("nonfinite_steps", nonfinite_steps, num_steps))
-    timings = {"compile_s": compile_s, **chunk_timings(t_start, done_at, num_steps,
-                                                        steps_per_call)}
+    chunk_steps = [min(steps_per_call, num_steps - c * steps_per_call)
+                   for c in range(num_chunks)]
+    timings = {"compile_s": compile_s, **chunk_timings(t_start, done_at, chunk_steps)}
     timings["samples_per_s"] = timings["steps_per_s"] * batch_size
     host_params = jax.device_get(state.params)
     with report.workdir(workdir) as folder:

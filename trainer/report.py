@@ -121,4 +121,4 @@ def print_summary(console, *, result, run_id: str, experiment: str, ui: str,
                   f"{t['steps_per_s']:,.0f} steps/s | {t['samples_per_s']:,.0f} samples/s | "
                   f"logging {t['log_s']:.2f} s | wall {t['wall_s']:.2f} s | {result.device}")
     console.print(f"run {run_id} in {tracking_uri}")
-    console.print(f"open it in the UI: make ui   (or: {ui})")
+    console.print(f"open it in the UI: {ui}")

@@ -92,6 +92,8 @@ def open_store(store: Store):
     """
     from mlflow import MlflowClient
 
+    if store.tracking_uri.startswith(("http://", "https://")):
+        _check_reachable(store.tracking_uri)
     for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
         logging.getLogger(name).setLevel(logging.WARNING)  # one-off migration chatter
     lock: contextlib.AbstractContextManager = contextlib.nullcontext()
@@ -111,6 +113,18 @@ def open_store(store: Store):
                             "MLFLOW_TRACKING_URI to a working store, e.g. sqlite:///mlruns/mlflow.db)"
                             ) from err
     return client
+
+
+def _check_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail in seconds, not after MLflow's minutes of retries, when no server answers."""
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
+    except requests.RequestException as err:
+        raise TrackingError(f"cannot reach the tracking server {uri} ({type(err).__name__}); "
+                            "start it, or set tracking.uri / MLFLOW_TRACKING_URI to a working "
+                            "store, e.g. sqlite:///mlruns/mlflow.db") from None
 
 
 def get_or_create_experiment(client, store: Store, name: str) -> str:
