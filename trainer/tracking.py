@@ -386,7 +386,7 @@ def environment_tags() -> dict[str, str]:
     try:
         commit = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True,
                                 text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "."],
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
         tags["git.commit"] = commit
         tags["git.dirty"] = str(bool(dirty)).lower()
