@@ -132,7 +132,13 @@ def _suggest(word: str, choices) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def _resolve_key(dotted: str) -> tuple[Any, str]:
+def _unknown_key(dotted: str, prefix: str, schema) -> ConfigError:
+    valid = [prefix + name for name in _schema_fields(schema)]
+    return ConfigError(f"unknown config key {dotted!r}{_suggest(dotted, valid)} "
+                       f"(valid keys here: {', '.join(valid)})")
+
+
+def _resolve_key(dotted: str) -> Any:
     """Return the type of a dotted schema key, or raise ConfigError with a suggestion."""
     parts = dotted.split(".")
     node: Any = Config
@@ -142,13 +148,10 @@ def _resolve_key(dotted: str) -> tuple[Any, str]:
             raise ConfigError(f"unknown config key {dotted!r}: {'.'.join(path)} has no sub-keys")
         hints = _schema_fields(node)
         if part not in hints:
-            prefix = ".".join(path + [""])
-            valid = [prefix + name for name in hints]
-            raise ConfigError(f"unknown config key {dotted!r}{_suggest(dotted, valid)} "
-                              f"(valid keys here: {', '.join(valid)})")
+            raise _unknown_key(dotted, ".".join(path + [""]), node)
         node = hints[part]
         path.append(part)
-    return node, dotted
+    return node
 
 
 # --- checks on the command line, before Hydra composes ---------------------------------
@@ -189,7 +192,7 @@ def check_overrides(overrides: list[str]) -> None:
         if ov.is_delete():
             raise ConfigError(f"{text!r}: keys of the schema cannot be deleted; "
                               "set them to a value instead")
-        expected, _ = _resolve_key(key)
+        expected = _resolve_key(key)
         for value in _values(ov):
             _check_type(key, value, expected)
 
@@ -323,9 +326,7 @@ def _check_keys(node: Any, schema, prefix: str) -> None:
     for key, value in node.items():
         dotted = prefix + key
         if key not in hints:
-            valid = [prefix + name for name in hints]
-            raise ConfigError(f"unknown config key {dotted!r}{_suggest(dotted, valid)} "
-                              f"(valid keys here: {', '.join(valid)})")
+            raise _unknown_key(dotted, prefix, schema)
         if is_dataclass(hints[key]) and isinstance(value, dict):
             _check_keys(value, hints[key], dotted + ".")
 

@@ -96,14 +96,8 @@ def open_store(store: Store):
         _check_reachable(store.tracking_uri)
     for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
         logging.getLogger(name).setLevel(logging.WARNING)  # one-off migration chatter
-    lock: contextlib.AbstractContextManager = contextlib.nullcontext()
-    if store.lock_path is not None:
-        from filelock import FileLock
-
-        store.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(store.lock_path), timeout=300)
     try:
-        with lock:
+        with _store_lock(store):
             client = MlflowClient(tracking_uri=store.tracking_uri)
             client.search_experiments(max_results=1)  # builds and migrates the store
             _mark_dead_runs_killed(client)
@@ -113,6 +107,16 @@ def open_store(store: Store):
                             "MLFLOW_TRACKING_URI to a working store, e.g. sqlite:///mlruns/mlflow.db)"
                             ) from err
     return client
+
+
+def _store_lock(store: Store) -> contextlib.AbstractContextManager:
+    """The inter-process lock of a local SQLite store (creating its folder); none for servers."""
+    if store.lock_path is None:
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    store.lock_path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(store.lock_path), timeout=300)
 
 
 def _check_reachable(uri: str, timeout_s: float = 10.0) -> None:
@@ -129,12 +133,7 @@ def _check_reachable(uri: str, timeout_s: float = 10.0) -> None:
 
 def get_or_create_experiment(client, store: Store, name: str) -> str:
     """The id of experiment ``name``, created with the store's artifact root if new."""
-    lock: contextlib.AbstractContextManager = contextlib.nullcontext()
-    if store.lock_path is not None:
-        from filelock import FileLock
-
-        lock = FileLock(str(store.lock_path), timeout=300)
-    with lock:
+    with _store_lock(store):
         found = client.get_experiment_by_name(name)
         if found is not None:
             if found.lifecycle_stage == "deleted":
