@@ -65,7 +65,8 @@ def run_job(cfg, err_console) -> int:
 
     from .config import ConfigError, to_config, validate
     from .data import DataError, load_dataset
-    from .loop import NonFiniteLossError, train_and_evaluate
+    from .loop import GradcheckFailedError, NonFiniteLossError, check_worked_examples, \
+        train_and_evaluate
     from .report import print_summary
     from .tracking import (TrackingError, environment_tags, flatten_config,
                            get_or_create_experiment, open_store, resolve_store, start_run,
@@ -82,7 +83,7 @@ def run_job(cfg, err_console) -> int:
         data_cfg = c.data
         if data_cfg.path and not Path(data_cfg.path).expanduser().is_absolute():
             data_cfg = dataclasses.replace(data_cfg, path=str(launch_dir / data_cfg.path))
-        dataset = load_dataset(data_cfg, seed=c.seed)
+        dataset = load_dataset(data_cfg, seed=c.seed) if c.mode == "train" else None
     except (ConfigError, DataError) as err:
         kind = "config" if isinstance(err, ConfigError) else "data"
         err_console.print(f"[bold red]{kind} error:[/] {err}")
@@ -98,13 +99,16 @@ def run_job(cfg, err_console) -> int:
         return EXIT_FAILED
     console.print(f"tracking store: {store.tracking_uri}")
     job = f"-job{hydra_cfg.job.num}" if hydra_cfg.mode.name == "MULTIRUN" else ""
-    data = "" if dataset.name == experiment else f"-{dataset.name}"
-    run_name = c.tracking.run_name or (f"{experiment}{data}-{c.model.kind}-{c.optim.name}-"
-                                       f"lr{c.optim.learning_rate:g}-seed{c.seed}{job}")
     tags = {**environment_tags(), "experiment": experiment, "overrides": " ".join(overrides),
             "tracking_uri": store.tracking_uri, "launch_dir": str(launch_dir),
-            "hydra.output_dir": hydra_cfg.runtime.output_dir, "dataset": dataset.name,
-            "task": dataset.task}
+            "hydra.output_dir": hydra_cfg.runtime.output_dir, "mode": c.mode}
+    if dataset is not None:
+        data = "" if dataset.name == experiment else f"-{dataset.name}"
+        run_name = c.tracking.run_name or (f"{experiment}{data}-{c.model.kind}-{c.optim.name}-"
+                                           f"lr{c.optim.learning_rate:g}-seed{c.seed}{job}")
+        tags.update({"dataset": dataset.name, "task": dataset.task})
+    else:
+        run_name = c.tracking.run_name or f"{experiment}-worked-examples{job}"
     tracker = None
     try:
         with start_run(client, experiment_id, run_name=run_name, tags=tags) as tracker:
@@ -113,7 +117,10 @@ def run_job(cfg, err_console) -> int:
             tracker.log_params(flatten_config(resolved))
             tracker.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
             tracker.log_text(OmegaConf.to_yaml(overrides), "overrides.yaml")
-            result = train_and_evaluate(c, dataset, tracker, console=console)
+            if dataset is None:
+                check_worked_examples(tracker, console)
+            else:
+                result = train_and_evaluate(c, dataset, tracker, console=console)
     except KeyboardInterrupt as err:
         closed = f"run {tracker.run_id} ended KILLED" if tracker else "no run was open"
         reason = str(err) or "interrupted (Ctrl-C)"
@@ -123,10 +130,16 @@ def run_job(cfg, err_console) -> int:
     except NonFiniteLossError as err:
         err_console.print(f"[bold red]diverged:[/] {err}. Run {tracker.run_id} ended FAILED.")
         return EXIT_FAILED
+    except GradcheckFailedError as err:
+        err_console.print(f"[bold red]error:[/] {err}. Run {tracker.run_id} ended FAILED.")
+        return EXIT_FAILED
     except (ValueError, TrackingError) as err:
         closed = f" Run {tracker.run_id} ended FAILED." if tracker else ""
         err_console.print(f"[bold red]error:[/] {err}.{closed}")
         return EXIT_FAILED
+    if dataset is None:
+        console.print(f"run {tracker.run_id} in {store.tracking_uri}")
+        return 0
     repo_root = Path(__file__).resolve().parents[1]
     make_ui = (launch_dir.resolve() == repo_root and (repo_root / "Makefile").is_file()
                and store.lock_path == repo_root / "mlruns" / ".mlflow.db.lock")

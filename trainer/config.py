@@ -26,11 +26,12 @@ from .models import INITIALIZERS
 from .optim import OPTIMIZERS, SCHEDULES
 
 __all__ = ["Config", "ModelConfig", "DataConfig", "OptimConfig", "TrainerConfig",
-           "TrackingConfig", "ConfigError", "CONF_DIR", "register_configs", "check_overrides",
+           "TrackingConfig", "GradcheckConfig", "ConfigError", "CONF_DIR", "register_configs", "check_overrides",
            "validate", "to_config"]
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
-GROUPS = ("model", "data", "optim", "trainer", "tracking")
+GROUPS = ("model", "data", "optim", "trainer", "gradcheck", "tracking")
+MODES = ("train", "gradcheck")
 
 
 class ConfigError(ValueError):
@@ -90,6 +91,21 @@ class TrainerConfig:
 
 
 @dataclass
+class GradcheckConfig:
+    # Checks run in float64 on a fixed probe batch; the training stays in its own dtype (C12).
+    every_steps: Optional[int] = None  # None: once before training and once after the last
+                                       # step; 0: off; N: also every N steps (at the first
+                                       # chunk boundary at or after each multiple of N)
+    fail_run: bool = False             # a failed check ends the run FAILED (else tag + message)
+    probe_batch_size: int = 64         # rows of the probe batch: the first rows of the train split
+    rel_tol: float = 1e-8              # norm-wise relative error allowed (float64)
+    max_elements: int = 128            # per tensor: all elements up to this, else a seeded subset
+    num_directions: int = 4            # random directions for directional and jvp/vjp checks
+    richardson: bool = False           # Richardson-extrapolated central differences (4th order)
+    hvp: bool = False                  # also check Hessian-vector products (forward-over-reverse)
+
+
+@dataclass
 class TrackingConfig:
     uri: Optional[str] = None          # MLflow tracking URI (None: $MLFLOW_TRACKING_URI, else
                                        # sqlite:///<launch dir>/mlruns/mlflow.db)
@@ -103,8 +119,10 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    gradcheck: GradcheckConfig = field(default_factory=GradcheckConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    seed: int = 0                      # PRNG seed: init, split, shuffling
+    seed: int = 0                      # PRNG seed: init, split, shuffling, gradient-check draws
+    mode: str = "train"                # "train", or "gradcheck": the worked derivative examples
 
 
 def register_configs() -> None:
@@ -280,6 +298,13 @@ def validate(cfg: DictConfig) -> None:
     _choice("optim.name", c.optim.name, OPTIMIZERS)
     _choice("optim.schedule", c.optim.schedule, SCHEDULES)
     _choice("trainer.on_nonfinite", c.trainer.on_nonfinite, ("stop", "skip"))
+    _choice("mode", c.mode, MODES)
+    g = c.gradcheck
+    if g.every_steps is not None and g.every_steps < 0:
+        raise ConfigError(f"gradcheck.every_steps={g.every_steps}: use 0 (off), a positive "
+                          "number of steps, or null (before and after training)")
+    for key in ("probe_batch_size", "rel_tol", "max_elements", "num_directions"):
+        _positive(f"gradcheck.{key}", getattr(g, key))
     for key in ("trainer.num_steps", "trainer.steps_per_call", "trainer.log_every_steps",
                 "trainer.eval_every_steps", "data.batch_size", "model.width", "data.seed_width"):
         group, name = key.split(".")

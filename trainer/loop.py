@@ -19,17 +19,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import report
+from . import measure, report
 from .data import Dataset
 from .models import ModelSpec, count_params, init_model
 from .optim import make_optimizer, make_schedule
 from .steps import (DeviceData, check_scalar_loss, init_train_state, loss_for_task,
                     make_predict, make_train_chunk, make_train_step)
 
-__all__ = ["NonFiniteLossError", "RunResult", "train_and_evaluate", "chunk_points", "chunk_timings",
-           "evaluate_test", "SHUFFLE_STREAM"]
+__all__ = ["NonFiniteLossError", "GradcheckFailedError", "RunResult", "CountingCompiler",
+           "train_and_evaluate", "check_worked_examples", "chunk_points", "chunk_timings", "gradcheck_steps",
+           "evaluate_test", "SHUFFLE_STREAM", "GRADCHECK_STREAM"]
 
 SHUFFLE_STREAM = 7919  # fold_in(key(seed), SHUFFLE_STREAM) is the shuffling key
+GRADCHECK_STREAM = 104729  # fold_in(key(seed), GRADCHECK_STREAM) draws the checks' samples
 
 
 class NonFiniteLossError(RuntimeError):
@@ -43,6 +45,65 @@ class NonFiniteLossError(RuntimeError):
             f"optim.learning_rate (e.g. {learning_rate / 10:g}) or set optim.clip_norm")
 
 
+class GradcheckFailedError(RuntimeError):
+    """A gradient check failed where failing ends the run: in training with
+    ``gradcheck.fail_run`` (``step`` is where), or a worked example (``step`` None)."""
+
+    def __init__(self, step: int | None, failures: list[str]):
+        self.step = step
+        where = "" if step is None else f" at step {step}"
+        super().__init__(f"gradient check failed{where}: {'; '.join(failures)}")
+
+
+class CountingCompiler:
+    """Ahead-of-time compilation of one function, counting its compilations.
+
+    ``jax.jit`` compiles again, silently, whenever an argument's shape or dtype
+    changes; here each call's abstract signature is compared with the compiled
+    one, and a change compiles again and is recorded with the arguments that
+    changed, so a run can report it. Every timed phase ends on the host after the
+    work is done (tracing, lowering and XLA compilation are synchronous).
+
+    Attributes:
+      num_compiles: compilations so far (1 in a healthy run).
+      recompiles: one line per compilation after the first, naming each argument
+        whose shape or dtype changed (``measure.signature_changes``).
+      trace_lower_s: seconds spent tracing to a jaxpr and lowering to StableHLO.
+      compile_s: seconds spent in XLA compilation.
+      compiled: the latest ``jax.stages.Compiled``.
+    """
+
+    def __init__(self, fn: Callable):
+        self._jitted = jax.jit(fn)
+        self._signature: dict | None = None
+        self.compiled = None
+        self.num_compiles = 0
+        self.recompiles: list[str] = []
+        self.trace_lower_s = 0.0
+        self.compile_s = 0.0
+
+    def compile(self, *args):
+        """Trace, lower and compile for ``args``' shapes and dtypes; returns the executable."""
+        signature = measure.abstract_signature(args)
+        if self._signature is not None:
+            self.recompiles.append("; ".join(
+                measure.signature_changes(self._signature, signature)))
+        t0 = time.perf_counter()
+        lowered = self._jitted.trace(*args).lower()
+        t1 = time.perf_counter()
+        self.compiled = lowered.compile()
+        self.trace_lower_s += t1 - t0
+        self.compile_s += time.perf_counter() - t1
+        self.num_compiles += 1
+        self._signature = signature
+        return self.compiled
+
+    def __call__(self, *args):
+        if measure.abstract_signature(args) != self._signature:
+            self.compile(*args)
+        return self.compiled(*args)
+
+
 @dataclass
 class RunResult:
     """What a finished run measured.
@@ -50,10 +111,19 @@ class RunResult:
     Attributes:
       test_metrics: the net's test metrics, in the target's original units.
       baseline_metrics: the same metrics of the linear baseline on the same split.
-      timings: seconds unless named ``*_per_s``: ``compile_s`` (trace, lower and
-        compile of the chunk), those of ``chunk_timings``, ``samples_per_s``,
-        ``log_s`` (time the calling thread spent in MLflow calls, apart from the
-        step figures) and ``wall_s`` (the whole function).
+      timings: seconds unless named ``*_per_s``: ``trace_lower_s`` and
+        ``compile_s`` (the chunk's tracing + lowering, and XLA compilation),
+        ``analysis_s`` (compiling one step alone for its cost and memory figures),
+        those of ``chunk_timings``, ``samples_per_s``, ``gradcheck_s`` (all
+        gradient checks), ``log_s`` (time the calling thread spent in MLflow calls,
+        apart from the step figures) and ``wall_s`` (the whole function).
+      compute: ``num_compiles`` of the chunk (1 expected), ``flops_per_step`` (XLA
+        cost analysis of one compiled step), ``flops_per_s`` (achieved: FLOPs per
+        step x steady-state steps/s), ``argument_bytes``, ``output_bytes``,
+        ``temp_bytes`` (XLA memory analysis of one step; temp bytes hold what the
+        backward pass keeps) and, on GPU, ``peak_bytes`` (device allocator peak).
+      gradcheck: the gradient-check reports as ``[(step, report)]``;
+        ``gradcheck_passed`` is False if any failed (None when none ran).
       num_params: trainable scalars (a shared matrix counts once).
       num_steps: steps run; nonfinite_steps: steps whose update was dropped.
       history: host copies of the logged curves, ``{name: (steps, values)}``.
@@ -70,6 +140,9 @@ class RunResult:
     history: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
     params: Any = None
     device: str = ""
+    compute: dict[str, float] = field(default_factory=dict)
+    gradcheck: list = field(default_factory=list)
+    gradcheck_passed: bool | None = None
 
 
 def chunk_points(metrics, *, log_every_steps: int,
@@ -167,9 +240,9 @@ def chunk_timings(t_start: float, done_at: list[float], chunk_steps: list[int]
 
     Returns:
       seconds: ``first_call_s`` (first chunk, dispatch to results), ``train_s`` (all
-      chunks), ``step_s`` (median over chunks of interval / steps); and
-      ``steps_per_s`` over the steady state (chunks after the first; the only one
-      when there is one). Intervals are wall time between completions, so they
+      chunks), ``step_s`` and ``step_p90_s`` (median and 90th percentile over
+      chunks of interval / steps); and ``steps_per_s`` over the steady state
+      (chunks after the first; the only one when there is one). Intervals are wall time between completions, so they
       include host work (metrics, MLflow) whenever the device had to wait for it.
     """
     intervals = np.diff([t_start, *done_at])
@@ -177,9 +250,30 @@ def chunk_timings(t_start: float, done_at: list[float], chunk_steps: list[int]
         steady_steps, steady_s = sum(chunk_steps[1:]), done_at[-1] - done_at[0]
     else:
         steady_steps, steady_s = chunk_steps[0], done_at[0] - t_start
+    per_step = intervals / np.asarray(chunk_steps)
     return {"first_call_s": float(intervals[0]), "train_s": done_at[-1] - t_start,
-            "step_s": float(np.median(intervals / np.asarray(chunk_steps))),
+            "step_s": float(np.median(per_step)), "step_p90_s": float(np.quantile(per_step, 0.9)),
             "steps_per_s": steady_steps / steady_s}
+
+
+def gradcheck_steps(every_steps: int | None, chunk_ends: list[int]) -> set[int]:
+    """The chunk ends after which a gradient check runs (besides step 0, before training).
+
+    Args:
+      every_steps: ``None``: only after the last step; ``0``: never; ``N``: at the
+        first chunk end at or after each multiple of ``N``, and after the last step.
+      chunk_ends: the step count at the end of each chunk, increasing.
+    """
+    if every_steps == 0 or not chunk_ends:
+        return set()
+    out = {chunk_ends[-1]}
+    if every_steps:
+        due = every_steps
+        for end in chunk_ends:
+            if end >= due:
+                out.add(end)
+                due = (end // every_steps + 1) * every_steps
+    return out
 
 
 def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
@@ -247,24 +341,34 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
                                    eval_every_steps=tcfg.eval_every_steps,
                                    log_every_steps=tcfg.log_every_steps)
     tracker.log_metrics([("num_params", num_params, 0), ("batch_size", batch_size, 0)])
+    gradchecker = _Gradchecker(cfg.gradcheck, graphdef, loss_fn, dataset, tracker, console,
+                               key=jax.random.fold_in(root, GRADCHECK_STREAM))
+    if cfg.gradcheck.every_steps != 0:
+        gradchecker(params, step=0)
 
+    chunk_fn = CountingCompiler(train_chunk)
+    chunk_fn.compile(state, data)
     t0 = time.perf_counter()
-    compiled = jax.jit(train_chunk).lower(state, data).compile()
-    compile_s = time.perf_counter() - t0
+    batch = (data.x_train[:batch_size], data.y_train[:batch_size])
+    compute = _step_analysis(jax.jit(train_step).lower(state, batch).compile())
+    analysis_s = time.perf_counter() - t0
 
     num_chunks = -(-num_steps // steps_per_call)
+    chunk_ends = [min((c + 1) * steps_per_call, num_steps) for c in range(num_chunks)]
+    check_after = gradcheck_steps(cfg.gradcheck.every_steps, chunk_ends)
     history: dict[str, tuple[list[int], list[float]]] = {}
     # Pipelined: chunk c+1 is queued on the device before the host fetches and logs
     # chunk c, so host work (metrics, MLflow) overlaps device work. done_at[c] is when
     # chunk c's results reached the host (device_get blocks until they are ready).
+    # Nothing is donated, so a gradient check may read the state of chunk c meanwhile.
     t_start = time.perf_counter()
-    pending = compiled(state, data)
+    pending = chunk_fn(state, data)
     done_at: list[float] = []
     with report.progress_bar(console, num_steps, enabled=tcfg.progress) as progress:
         for c in range(num_chunks):
             state, metrics = pending
             if c + 1 < num_chunks:
-                pending = compiled(state, data)
+                pending = chunk_fn(state, data)
             # one device-to-host transfer per chunk: metrics and the non-finite record
             metrics, first_bad = jax.device_get((metrics, state.nonfinite_step))
             done_at.append(time.perf_counter())
@@ -281,14 +385,15 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
             if c == 0 and console is not None:
                 console.print(f"step 0: loss {float(metrics[0]['train_loss'][0]):.8g}, "
                               f"gradient norm {float(metrics[0]['grad_norm'][0]):.8g}")
-            done = min((c + 1) * steps_per_call, num_steps) if stop_before is None \
-                else stop_before
+            done = chunk_ends[c] if stop_before is None else stop_before
             interval = done_at[-1] - (done_at[-2] if c else t_start)
             last_loss = history.get("train_loss", ([], [float("nan")]))[1][-1]
             progress(done, last_loss, (done - c * steps_per_call) / interval)
             if stop_before is not None:
                 tracker.set_tags({"diverged_at_step": str(stop_before)})
                 raise NonFiniteLossError(stop_before, float(schedule(stop_before)))
+            if chunk_ends[c] in check_after and c + 1 < num_chunks:
+                gradchecker(state.params, step=chunk_ends[c])
     jax.block_until_ready(state)
     done_at[-1] = time.perf_counter()
     first_bad, nonfinite_steps = (int(v) for v in jax.device_get(
@@ -297,6 +402,9 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
         tracker.set_tags({"first_nonfinite_step": str(first_bad),
                           "nonfinite_steps": str(nonfinite_steps)})
 
+    if num_steps in check_after:
+        gradchecker(state.params, step=num_steps)
+
     predict = jax.jit(make_predict(graphdef))
     outputs = np.asarray(jax.device_get(predict(state.params, jnp.asarray(dataset.x_test))))
     test_metrics = evaluate_test(dataset, outputs)
@@ -304,10 +412,22 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
     final = [(f"test_{k}", v, num_steps) for k, v in test_metrics.items()]
     final += [(f"baseline_test_{k}", v, num_steps) for k, v in baseline.items()]
     final.append(("nonfinite_steps", nonfinite_steps, num_steps))
-    chunk_steps = [min(steps_per_call, num_steps - c * steps_per_call)
-                   for c in range(num_chunks)]
-    timings = {"compile_s": compile_s, **chunk_timings(t_start, done_at, chunk_steps)}
+    chunk_steps = np.diff([0, *chunk_ends]).tolist()
+    timings = {"trace_lower_s": chunk_fn.trace_lower_s, "compile_s": chunk_fn.compile_s,
+               "analysis_s": analysis_s, **chunk_timings(t_start, done_at, chunk_steps)}
     timings["samples_per_s"] = timings["steps_per_s"] * batch_size
+    timings["gradcheck_s"] = gradchecker.wall_s
+    compute["num_compiles"] = chunk_fn.num_compiles
+    if "flops_per_step" in compute:
+        compute["flops_per_s"] = compute["flops_per_step"] * timings["steps_per_s"]
+    peak = measure.device_peak_bytes(device)
+    if peak is not None:
+        compute["peak_bytes"] = peak
+    if chunk_fn.recompiles:
+        tracker.set_tags({"recompiled": " | ".join(chunk_fn.recompiles)})
+        if console is not None:
+            console.print(f"[yellow]the train step compiled {chunk_fn.num_compiles} times; "
+                          f"arguments that changed: {' | '.join(chunk_fn.recompiles)}[/]")
     host_params = jax.device_get(state.params)
     with report.workdir(workdir) as folder:
         plot = report.plot_training(history, folder / "training_curves.png",
@@ -315,12 +435,125 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
         tracker.log_artifact(plot)
         ckpt = report.save_params(host_params, folder / "final_params")
         tracker.log_artifact(ckpt, "final_params")
+        gradchecker.log_artifacts(folder)
     tracker.flush()  # every training point written before the timings are taken
     timings["log_s"] = tracker.log_s
     timings["wall_s"] = time.perf_counter() - wall_start
     final += [(name, value, num_steps) for name, value in timings.items()]
+    final += [(name, value, num_steps) for name, value in compute.items()]
     tracker.log_metrics(final)
     tracker.flush()
     return RunResult(test_metrics=test_metrics, baseline_metrics=baseline, timings=timings,
                      num_params=num_params, num_steps=num_steps, nonfinite_steps=nonfinite_steps,
-                     history=history, params=host_params, device=device_name)
+                     history=history, params=host_params, device=device_name,
+                     compute=compute, gradcheck=gradchecker.reports,
+                     gradcheck_passed=gradchecker.passed)
+
+
+def _step_analysis(compiled) -> dict[str, float]:
+    """FLOPs and buffer bytes of one compiled train step (see ``RunResult.compute``)."""
+    out: dict[str, float] = {}
+    cost = measure.compiled_cost(compiled)
+    if "flops" in cost:
+        out["flops_per_step"] = cost["flops"]
+    memory = measure.compiled_memory(compiled)
+    for name in ("argument_bytes", "output_bytes", "temp_bytes"):
+        if name in memory:
+            out[name] = memory[name]
+    return out
+
+
+class _Gradchecker:
+    """Runs ``gradcheck.check_gradients`` on a fixed probe batch and records each report.
+
+    Metrics go to the tracker at the step checked; the tag ``gradcheck`` says
+    ``passed`` until a check fails, then ``failed``; a failure prints one line, and
+    raises ``GradcheckFailedError`` when ``fail_run`` is set.
+    """
+
+    def __init__(self, gcfg, graphdef, loss_fn, dataset: Dataset, tracker, console, *,
+                 key: jax.Array):
+        self._gcfg, self._graphdef, self._loss_fn = gcfg, graphdef, loss_fn
+        self._tracker, self._console, self._key = tracker, console, key
+        rows = min(gcfg.probe_batch_size, dataset.x_train.shape[0])
+        self._probe = (np.asarray(dataset.x_train[:rows]), np.asarray(dataset.y_train[:rows]))
+        self.reports: list = []
+        self.passed: bool | None = None
+        self.wall_s = 0.0
+
+    def __call__(self, params, *, step: int) -> None:
+        from . import gradcheck
+
+        g = self._gcfg
+        settings = gradcheck.GradcheckSettings(
+            rel_tol=g.rel_tol, max_elements=g.max_elements, num_directions=g.num_directions,
+            richardson=g.richardson, hvp=g.hvp)
+        t0 = time.perf_counter()
+        result = gradcheck.check_gradients(self._graphdef, params, self._probe, self._loss_fn,
+                                           key=jax.random.fold_in(self._key, step),
+                                           settings=settings)
+        self.wall_s += time.perf_counter() - t0
+        self.reports.append((step, result))
+        self._tracker.log_metrics([(name, value, step)
+                                   for name, value in result.metrics().items()])
+        first_failure = result.passed is False and self.passed is not False
+        self.passed = result.passed if self.passed is None else (self.passed and result.passed)
+        if self.passed or first_failure:
+            self._tracker.set_tags({"gradcheck": "passed" if self.passed else "failed"})
+        if not result.passed:
+            failures = result.failures()
+            if self._gcfg.fail_run:
+                raise GradcheckFailedError(step, failures)
+            if self._console is not None:
+                self._console.print(f"[bold red]gradient check FAILED at step {step}:[/] "
+                                    f"{'; '.join(failures)}")
+
+    def log_artifacts(self, folder: Path) -> None:
+        """The reports as ``gradcheck.json`` and their plot as ``gradcheck.png``."""
+        if not self.reports:
+            return
+        import json
+
+        path = folder / "gradcheck.json"
+        path.write_text(json.dumps([{"step": step, **result.to_dict()}
+                                    for step, result in self.reports], indent=1))
+        self._tracker.log_artifact(path)
+        self._tracker.log_artifact(report.plot_gradcheck(self.reports, folder / "gradcheck.png",
+                                                         rel_tol=self._gcfg.rel_tol))
+
+
+def check_worked_examples(tracker, console=None) -> list:
+    """The notebook's worked derivative examples (``gradcheck.worked_examples``),
+    recorded: a table on the console, per-example relative errors as metrics
+    (``examples/<name>/rel_err_autodiff``, ``.../rel_err_fd``), the rows as the
+    artifact ``worked_examples.json`` and the tag ``gradcheck=passed|failed``.
+
+    Returns:
+      the rows, when every example agrees.
+
+    Raises:
+      GradcheckFailedError: naming each example whose sources disagree (after
+        everything is logged).
+    """
+    import dataclasses
+    import json
+
+    from . import gradcheck
+
+    t0 = time.perf_counter()
+    rows = gradcheck.worked_examples()
+    wall_s = time.perf_counter() - t0
+    if console is not None:
+        report.print_examples(console, rows)
+    points = [("gradcheck/wall_s", wall_s, 0)]
+    for row in rows:
+        points += [(f"examples/{row.name}/rel_err_autodiff", row.rel_err_autodiff, 0),
+                   (f"examples/{row.name}/rel_err_fd", row.rel_err_fd, 0)]
+    tracker.log_metrics(points)
+    tracker.log_text(json.dumps([dataclasses.asdict(row) for row in rows], indent=1),
+                     "worked_examples.json")
+    failed = [row.name for row in rows if not row.passed]
+    tracker.set_tags({"gradcheck": "failed" if failed else "passed"})
+    if failed:
+        raise GradcheckFailedError(None, [f"worked example {name!r} disagrees" for name in failed])
+    return rows

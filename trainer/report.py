@@ -11,7 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-__all__ = ["progress_bar", "plot_training", "save_params", "print_summary", "workdir"]
+__all__ = ["progress_bar", "plot_training", "plot_gradcheck", "save_params", "print_summary",
+           "print_examples", "workdir"]
 
 
 @contextlib.contextmanager
@@ -82,6 +83,65 @@ def plot_training(history: dict[str, tuple[list[int], list[float]]], path: Path,
     return path
 
 
+def plot_gradcheck(reports: list, path: Path, *, rel_tol: float | None = None) -> Path:
+    """Plot gradient-check errors per tensor over the steps checked; for the tied model
+    also the norms of Θ's inner-use and outer-use gradient terms and their cosine.
+
+    Args:
+      reports: ``[(step, report)]``; each report's ``metrics()`` gives the figures
+        (``gradcheck/<tensor>/rel_err``, ``gradcheck/theta_inner_norm``, ...).
+      path: where to write the PNG.
+      rel_tol: drawn as the pass line when given.
+
+    Returns:
+      ``path``.
+    """
+    from matplotlib.figure import Figure
+
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for step, result in reports:
+        for name, value in result.metrics().items():
+            steps, values = series.setdefault(name, ([], []))
+            steps.append(step)
+            values.append(value)
+    tied = "gradcheck/theta_inner_norm" in series
+    fig = Figure(figsize=(10 if tied else 6, 4), dpi=100, layout="constrained")
+    axes = fig.subplots(1, 2 if tied else 1, squeeze=False)[0]
+    ax = axes[0]
+    markers = {"marker": "o"}
+    for name, (steps, values) in sorted(series.items()):
+        if name.endswith("/rel_err") and name.count("/") >= 2:
+            tensor = name[len("gradcheck/"):-len("/rel_err")]
+            ax.plot(steps, [max(v, 1e-17) for v in values], label=tensor, **markers)
+    if "gradcheck/jvp_vjp_rel_err" in series:
+        steps, values = series["gradcheck/jvp_vjp_rel_err"]
+        ax.plot(steps, [max(v, 1e-17) for v in values], "k--", label="jvp vs vjp", **markers)
+    if rel_tol is not None:
+        ax.axhline(rel_tol, color="tab:red", lw=1, label=f"tolerance {rel_tol:g}")
+    ax.set_yscale("log")
+    ax.set(xlabel="step", ylabel="relative error (float64)",
+           title="autodiff vs finite differences, per tensor")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    if tied:
+        ax = axes[1]
+        for name, label in (("gradcheck/theta_inner_norm", "inner use"),
+                            ("gradcheck/theta_outer_norm", "outer use")):
+            ax.plot(*series[name], label=label, **markers)
+        ax.set(xlabel="step", ylabel="norm of the term of dL/dΘ",
+               title="tied Θ: the two terms of its gradient")
+        ax.grid(alpha=0.3)
+        twin = ax.twinx()
+        twin.plot(*series["gradcheck/theta_inner_outer_cos"], color="tab:gray", ls=":",
+                  label="cosine between them", **markers)
+        twin.set(ylabel="cosine", ylim=(-1.05, 1.05))
+        lines = ax.get_legend_handles_labels()
+        more = twin.get_legend_handles_labels()
+        ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize="small")
+    fig.savefig(path)
+    return path
+
+
 def save_params(params, path: Path) -> Path:
     """Save a params pytree (an ``nnx.State`` or nested dict of arrays) with orbax.
 
@@ -116,9 +176,69 @@ def print_summary(console, *, result, run_id: str, experiment: str, ui: str,
         base = result.baseline_metrics.get(name)
         table.add_row(name, f"{value:.4f}", "" if base is None else f"{base:.4f}")
     console.print(table)
-    t = result.timings
-    console.print(f"params {result.num_params:,} | compile {t['compile_s']:.2f} s | "
-                  f"{t['steps_per_s']:,.0f} steps/s | {t['samples_per_s']:,.0f} samples/s | "
-                  f"logging {t['log_s']:.2f} s | wall {t['wall_s']:.2f} s | {result.device}")
+    t, m = result.timings, result.compute
+    console.print(f"params {result.num_params:,} | trace+lower {t['trace_lower_s']:.2f} s | "
+                  f"compile {t['compile_s']:.2f} s ({m.get('num_compiles', 1)}x) | "
+                  f"first call {t['first_call_s']:.3f} s | {result.device}")
+    console.print(f"step {_seconds(t['step_s'])} median, {_seconds(t['step_p90_s'])} p90 | "
+                  f"{t['steps_per_s']:,.0f} steps/s | {t['samples_per_s']:,.0f} samples/s"
+                  + (f" | {m['flops_per_step']:,.0f} FLOPs/step, "
+                     f"{m['flops_per_s'] / 1e9:.2f} GFLOP/s" if "flops_per_s" in m else ""))
+    memory = [f"{label} {_bytes(m[name])}" for name, label in (
+        ("argument_bytes", "arguments"), ("output_bytes", "outputs"),
+        ("temp_bytes", "temporaries"), ("peak_bytes", "device peak")) if name in m]
+    if memory:
+        console.print("step memory: " + ", ".join(memory))
+    if result.gradcheck_passed is not None:
+        worst = max(r.max_rel_err for _, r in result.gradcheck)
+        verdict = "passed" if result.gradcheck_passed else "[bold red]FAILED[/]"
+        console.print(f"gradient checks: {verdict} ({len(result.gradcheck)} checks, worst "
+                      f"relative error {worst:.1e} in float64, {t['gradcheck_s']:.2f} s)")
+    console.print(f"logging {t['log_s']:.2f} s | wall {t['wall_s']:.2f} s")
     console.print(f"run {run_id} in {tracking_uri}")
     console.print(f"open it in the UI: {ui}")
+
+
+def _seconds(value: float) -> str:
+    if value >= 1:
+        return f"{value:.2f} s"
+    if value >= 1e-3:
+        return f"{value * 1e3:.2f} ms"
+    return f"{value * 1e6:.1f} us"
+
+
+def _bytes(value: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:,.0f} {unit}" if unit == "B" else f"{value:,.1f} {unit}"
+        value /= 1024
+    return f"{value} B"
+
+
+def print_examples(console, rows) -> None:
+    """The worked derivative examples as a table: autodiff, symbolic and finite
+    differences side by side, with relative errors against the symbolic value."""
+    from rich.table import Table
+
+    table = Table(title="worked examples: derivatives three ways (float64)",
+                  title_justify="left")
+    for name, justify in (("example", "left"), ("point", "left"), ("autodiff", "right"),
+                          ("symbolic", "right"), ("finite diff.", "right"),
+                          ("rel. err autodiff", "right"), ("rel. err FD", "right"),
+                          ("", "left")):
+        table.add_column(name, justify=justify)
+    for row in rows:
+        table.add_row(row.expression, row.point, _values(row.autodiff), _values(row.symbolic),
+                      _values(row.finite_difference), f"{row.rel_err_autodiff:.1e}",
+                      f"{row.rel_err_fd:.1e}", "ok" if row.passed else "[bold red]FAILED[/]")
+    console.print(table)
+
+
+def _values(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (list, tuple)):
+        if len(value) > 3:
+            return f"({len(value)} values)"
+        return "(" + ", ".join(f"{v:.10g}" for v in value) + ")"
+    return f"{value:.10g}"
