@@ -142,9 +142,22 @@ def test_basic_run_finishes_with_full_record(basic_run):
     assert metrics["steps_per_s"] > 0 and metrics["samples_per_s"] > metrics["steps_per_s"]
     assert 0 < metrics["compile_s"] < metrics["wall_s"]
     assert 0 <= metrics["log_s"] < metrics["wall_s"]
+    # phase timings, the compile counter and XLA's figures for one step
+    for key in ("trace_lower_s", "first_call_s", "step_s", "step_p90_s", "flops_per_step",
+                "flops_per_s", "argument_bytes", "temp_bytes", "gradcheck_s"):
+        assert metrics.get(key, 0) > 0, (key, sorted(metrics))
+    assert metrics["num_compiles"] == 1
+    # the default gradient checks: before training and after the last step, all passed
+    assert tags["gradcheck"] == "passed"
+    for key in ("gradcheck/input_layer/kernel/rel_err", "gradcheck/max_rel_err",
+                "gradcheck/jvp_vjp_rel_err"):
+        points = history(client, run.info.run_id, key)
+        assert [p.step for p in points] == [0, 40], key
+        assert all(p.value <= 1e-8 for p in points), (key, points)
 
     artifacts = {a.path: a for a in client.list_artifacts(run.info.run_id)}
-    for name in ("config.yaml", "overrides.yaml", "training_curves.png"):
+    for name in ("config.yaml", "overrides.yaml", "training_curves.png", "gradcheck.json",
+                 "gradcheck.png"):
         assert name in artifacts and not artifacts[name].is_dir, sorted(artifacts)
     assert "final_params" in artifacts and artifacts["final_params"].is_dir, sorted(artifacts)
     assert client.list_artifacts(run.info.run_id, "final_params"), "final_params is empty"
@@ -152,6 +165,41 @@ def test_basic_run_finishes_with_full_record(basic_run):
     out = proc.stdout
     assert run.info.run_id in out
     assert default_uri(launch) in out
+    assert "gradient checks: passed" in out and "FLOPs/step" in out
+
+
+def test_worked_examples_job(run_cli, tmp_path):
+    """+experiment=gradcheck: the notebook's worked examples, three sources each (autodiff,
+    sympy or the closed form, finite differences), agree; printed and logged to MLflow.
+    The notebook's rounded figures are checked against what the oracles computed."""
+    import json
+
+    proc = run_cli("+experiment=gradcheck")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "agree" in proc.stdout and "DISAGREE" not in proc.stdout
+    client = store_client(tmp_path)
+    (run,) = all_runs(client)
+    assert run.info.status == "FINISHED" and run.data.tags["gradcheck"] == "passed"
+    assert client.get_experiment(run.info.experiment_id).name == "gradcheck"
+    path = client.download_artifacts(run.info.run_id, "worked_examples.json", str(tmp_path))
+    rows = {r["name"]: r for r in json.loads(Path(path).read_text())}
+    for name, row in rows.items():
+        assert row["rel_err_autodiff"] <= 1e-12 and row["rel_err_fd"] <= 1e-8, row
+        assert run.data.metrics[f"examples/{name}/rel_err_autodiff"] == row["rel_err_autodiff"]
+
+    def close(value, expected, digits):
+        return abs(value - expected) <= 0.5 * 10 ** (-digits)
+
+    assert close(rows["tanh_4cos2"]["symbolic"], -0.16449, 5)
+    assert close(rows["accumulation"]["symbolic"], -15.50478, 5)
+    assert sum(p[1] for p in rows["accumulation"]["paths"]) == pytest.approx(
+        rows["accumulation"]["autodiff"], rel=1e-14)
+    for got, expected in zip(rows["three_variables"]["symbolic"], (-5.66197, -1.74938, 17.05945)):
+        assert close(got, expected, 5)
+    assert rows["exact_4pi3"]["exact"] == "4*pi**3"
+    assert rows["exact_4pi3"]["symbolic"] == pytest.approx(4 * math.pi**3, rel=1e-15)
+    loss32, norm32 = rows["seed_model"]["float32"]
+    assert close(loss32, 1.0354788, 7) and abs(norm32 - 0.6549523) / 0.6549523 < 5e-7
 
 
 def test_params_are_flat_and_resolved(basic_run):

@@ -14,7 +14,8 @@ from trainer.config import (CONF_DIR, ConfigError, check_overrides, experiment_n
 from trainer.data import load_dataset
 from trainer.loop import train_and_evaluate
 
-EXPERIMENTS = ["diabetes", "digits", "seed", "smoke", "tied-diabetes"]
+EXPERIMENTS = ["diabetes", "digits", "gradcheck", "seed", "smoke", "tied-diabetes"]
+TRAINING_EXPERIMENTS = [name for name in EXPERIMENTS if name != "gradcheck"]
 
 
 def compose_cfg(*overrides: str):
@@ -27,7 +28,7 @@ def test_shipped_experiments():
     assert experiment_names() == EXPERIMENTS
 
 
-@pytest.mark.parametrize("name", EXPERIMENTS)
+@pytest.mark.parametrize("name", TRAINING_EXPERIMENTS)
 def test_every_experiment_composes_validates_and_trains(name):
     """Each experiment composes against the schema, passes validation and trains a few
     steps (shrunk, as lightning-hydra-template's tests do) to finite test metrics."""
@@ -40,6 +41,12 @@ def test_every_experiment_composes_validates_and_trains(name):
     result = train_and_evaluate(c, dataset, RecordingTracker())
     assert result.num_steps == 20
     assert all(v == v for v in result.test_metrics.values())  # no NaN
+
+
+def test_gradcheck_experiment_only_changes_the_mode():
+    c = to_config(compose_cfg("+experiment=gradcheck"))
+    assert c.mode == "gradcheck"
+    assert to_config(compose_cfg("+experiment=diabetes")).mode == "train"
 
 
 def test_params_resolve_interpolations():
@@ -55,7 +62,10 @@ def test_params_resolve_interpolations():
     (["+experiment=smoke", "+trainer.typo=1"], "unknown config key 'trainer.typo'"),
     (["experiment=diabetes"], "+experiment=diabetes"),
     (["+experiment=smoke", "trainer.num_steps=1.5"], "trainer.num_steps=1.5: expected an integer"),
-    (["+experiment=nosuch"], "choose one of: diabetes, digits, seed, smoke, tied-diabetes"),
+    (["+experiment=nosuch"], "choose one of: diabetes, digits, gradcheck, seed, smoke, "
+                              "tied-diabetes"),
+    (["gradcheck.every_step=5"], "did you mean 'gradcheck.every_steps'"),
+    (["gradcheck.fail_run=maybe"], "expected true or false"),
     (["+experiment=diabetse"], "did you mean 'diabetes'"),
     (["model=tide"], "did you mean 'tied'"),
     (["optim.learning_rate=fast"], "expected a number"),
@@ -92,6 +102,10 @@ def test_c11_good_overrides_pass():
     (["optim.momentum=1.5"], "optim.momentum=1.5: must lie in [0, 1)"),
     (["model.init_scale=-1"], "model.init_scale=-1.0: must be greater than 0"),
     (["optim.warmup_steps=5000"], "less than trainer.num_steps=60"),
+    (["gradcheck.every_steps=-1"], "gradcheck.every_steps=-1: use 0 (off)"),
+    (["gradcheck.rel_tol=0"], "gradcheck.rel_tol=0.0: must be greater than 0"),
+    (["gradcheck.max_elements=0"], "gradcheck.max_elements=0: must be greater than 0"),
+    (["mode=eval"], "mode='eval': choose one of train, gradcheck"),
 ])
 def test_composed_config_is_validated(overrides, message):
     with pytest.raises(ConfigError, match=None) as err:

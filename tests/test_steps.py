@@ -173,7 +173,8 @@ def test_training_lowers_the_loss_and_compiles_the_chunk_once(diabetes, caplog):
     val = tracker.history("val_loss")
     assert [s for s, _ in val] == [49, 99, 149, 199, 249, 299]
     assert result.test_metrics["rmse"] > 0 and "rmse" in result.baseline_metrics
-    assert {name for name, _ in tracker.artifacts} == {"training_curves.png", "final_params"}
+    assert {name for name, _ in tracker.artifacts} == {"training_curves.png", "final_params",
+                                                       "gradcheck.json", "gradcheck.png"}
 
 
 def test_divergence_stops_with_the_step_and_keeps_earlier_points(diabetes):

@@ -343,8 +343,8 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
     tracker.log_metrics([("num_params", num_params, 0), ("batch_size", batch_size, 0)])
     gradchecker = _Gradchecker(cfg.gradcheck, graphdef, loss_fn, dataset, tracker, console,
                                key=jax.random.fold_in(root, GRADCHECK_STREAM))
-    if cfg.gradcheck.every_steps != 0:
-        gradchecker(params, step=0)
+    first_check = (gradchecker.start(params, step=0) if cfg.gradcheck.every_steps != 0
+                   else lambda: None)
 
     chunk_fn = CountingCompiler(train_chunk)
     chunk_fn.compile(state, data)
@@ -352,6 +352,7 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
     batch = (data.x_train[:batch_size], data.y_train[:batch_size])
     compute = _step_analysis(jax.jit(train_step).lower(state, batch).compile())
     analysis_s = time.perf_counter() - t0
+    first_check()  # before any step runs, so the step timings have the cores to themselves
 
     num_chunks = -(-num_steps // steps_per_call)
     chunk_ends = [min((c + 1) * steps_per_call, num_steps) for c in range(num_chunks)]
@@ -482,17 +483,43 @@ class _Gradchecker:
         self.wall_s = 0.0
 
     def __call__(self, params, *, step: int) -> None:
+        """Check the gradient at ``params`` and record the report at ``step``."""
+        t0 = time.perf_counter()
+        self.record(self.compute(params, step=step), step=step)
+        self.wall_s += time.perf_counter() - t0
+
+    def start(self, params, *, step: int) -> Callable[[], None]:
+        """Run the check in a background thread; returns ``finish()``, which waits for it
+        and records it. The first check of a run compiles its float64 functions, which
+        then happens while the main thread compiles the train step (x64 mode is
+        thread-local in JAX, so the training keeps its dtype)."""
+        import concurrent.futures
+
+        t0 = time.perf_counter()
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gradcheck")
+        future = pool.submit(self.compute, params, step=step)
+        pool.shutdown(wait=False)
+
+        def finish() -> None:
+            result = future.result()
+            self.wall_s += time.perf_counter() - t0
+            self.record(result, step=step)
+        return finish
+
+    def compute(self, params, *, step: int):
+        """The report at ``params`` (pure: no logging)."""
         from . import gradcheck
 
         g = self._gcfg
         settings = gradcheck.GradcheckSettings(
             rel_tol=g.rel_tol, max_elements=g.max_elements, num_directions=g.num_directions,
             richardson=g.richardson, hvp=g.hvp)
-        t0 = time.perf_counter()
-        result = gradcheck.check_gradients(self._graphdef, params, self._probe, self._loss_fn,
-                                           key=jax.random.fold_in(self._key, step),
-                                           settings=settings)
-        self.wall_s += time.perf_counter() - t0
+        return gradcheck.check_gradients(self._graphdef, params, self._probe, self._loss_fn,
+                                         key=jax.random.fold_in(self._key, step),
+                                         settings=settings)
+
+    def record(self, result, *, step: int) -> None:
+        """Log ``result`` at ``step``; tag, print or raise on a failure."""
         self.reports.append((step, result))
         self._tracker.log_metrics([(name, value, step)
                                    for name, value in result.metrics().items()])
