@@ -30,8 +30,12 @@ ui: $(STAMP)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server \
 	  --backend-store-uri $(STORE) --host 127.0.0.1 --port 5000 --workers 1
 
+# The benchmark suite into the default store (experiment "benchmarks"), then a comparison
+# with the previous run of the same kind (exit 1 on a regression beyond noise).
+# BENCH_ARGS=--quick for the one-minute version.
 bench: $(STAMP)
-	$(PY) scripts/bench_overhead.py
+	$(PY) scripts/bench.py $(BENCH_ARGS)
+	$(PY) scripts/bench_compare.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache
