@@ -317,6 +317,16 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
     graphdef, params = nnx.split(model, nnx.Param)
     num_params = count_params(params)
     loss_fn = loss_fn or loss_for_task(dataset.task)
+    gradchecker = _Gradchecker(cfg.gradcheck, graphdef, loss_fn, dataset, tracker, console,
+                               key=jax.random.fold_in(root, GRADCHECK_STREAM))
+    # Where failing stops the run, the step-0 check runs now, before any step. Else it
+    # runs with the check after the last step, in a background thread while this one
+    # evaluates and writes the artifacts: the checks' float64 compilation (XLA releases
+    # the GIL) then overlaps that host work and never the timed steps.
+    initial_params = params
+    check_first_now = cfg.gradcheck.every_steps != 0 and cfg.gradcheck.fail_run
+    if check_first_now:
+        gradchecker(params, step=0)
     schedule = make_schedule(cfg.optim, num_steps)
     optimizer = make_optimizer(cfg.optim, schedule)
 
@@ -341,10 +351,6 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
                                    eval_every_steps=tcfg.eval_every_steps,
                                    log_every_steps=tcfg.log_every_steps)
     tracker.log_metrics([("num_params", num_params, 0), ("batch_size", batch_size, 0)])
-    gradchecker = _Gradchecker(cfg.gradcheck, graphdef, loss_fn, dataset, tracker, console,
-                               key=jax.random.fold_in(root, GRADCHECK_STREAM))
-    first_check = (gradchecker.start(params, step=0) if cfg.gradcheck.every_steps != 0
-                   else lambda: None)
 
     chunk_fn = CountingCompiler(train_chunk)
     chunk_fn.compile(state, data)
@@ -352,7 +358,6 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
     batch = (data.x_train[:batch_size], data.y_train[:batch_size])
     compute = _step_analysis(jax.jit(train_step).lower(state, batch).compile())
     analysis_s = time.perf_counter() - t0
-    first_check()  # before any step runs, so the step timings have the cores to themselves
 
     num_chunks = -(-num_steps // steps_per_call)
     chunk_ends = [min((c + 1) * steps_per_call, num_steps) for c in range(num_chunks)]
@@ -403,8 +408,11 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
         tracker.set_tags({"first_nonfinite_step": str(first_bad),
                           "nonfinite_steps": str(nonfinite_steps)})
 
+    late_checks = [] if check_first_now or cfg.gradcheck.every_steps == 0 else \
+        [(initial_params, 0)]
     if num_steps in check_after:
-        gradchecker(state.params, step=num_steps)
+        late_checks.append((state.params, num_steps))
+    finish_checks = gradchecker.start(late_checks)
 
     predict = jax.jit(make_predict(graphdef))
     outputs = np.asarray(jax.device_get(predict(state.params, jnp.asarray(dataset.x_test))))
@@ -417,7 +425,6 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
     timings = {"trace_lower_s": chunk_fn.trace_lower_s, "compile_s": chunk_fn.compile_s,
                "analysis_s": analysis_s, **chunk_timings(t_start, done_at, chunk_steps)}
     timings["samples_per_s"] = timings["steps_per_s"] * batch_size
-    timings["gradcheck_s"] = gradchecker.wall_s
     compute["num_compiles"] = chunk_fn.num_compiles
     if "flops_per_step" in compute:
         compute["flops_per_s"] = compute["flops_per_step"] * timings["steps_per_s"]
@@ -436,7 +443,9 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
         tracker.log_artifact(plot)
         ckpt = report.save_params(host_params, folder / "final_params")
         tracker.log_artifact(ckpt, "final_params")
+        finish_checks()
         gradchecker.log_artifacts(folder)
+    timings["gradcheck_s"] = gradchecker.wall_s
     tracker.flush()  # every training point written before the timings are taken
     timings["log_s"] = tracker.log_s
     timings["wall_s"] = time.perf_counter() - wall_start
@@ -488,22 +497,32 @@ class _Gradchecker:
         self.record(self.compute(params, step=step), step=step)
         self.wall_s += time.perf_counter() - t0
 
-    def start(self, params, *, step: int) -> Callable[[], None]:
-        """Run the check in a background thread; returns ``finish()``, which waits for it
-        and records it. The first check of a run compiles its float64 functions, which
-        then happens while the main thread compiles the train step (x64 mode is
-        thread-local in JAX, so the training keeps its dtype)."""
+    def start(self, checks: list[tuple[Any, int]]) -> Callable[[], None]:
+        """Run the checks ``[(params, step)]`` in a background thread; returns
+        ``finish()``, which waits for them and records them (and raises as ``record``
+        does). x64 mode is thread-local in JAX, so other threads keep their dtypes;
+        ``gradcheck_s`` counts from here to the end of the last check."""
+        if not checks:
+            return lambda: None
         import concurrent.futures
 
         t0 = time.perf_counter()
+        ended: list[float] = []
+
+        def compute_all():
+            results = [self.compute(params, step=step) for params, step in checks]
+            ended.append(time.perf_counter())
+            return results
+
         pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gradcheck")
-        future = pool.submit(self.compute, params, step=step)
+        future = pool.submit(compute_all)
         pool.shutdown(wait=False)
 
         def finish() -> None:
-            result = future.result()
-            self.wall_s += time.perf_counter() - t0
-            self.record(result, step=step)
+            results = future.result()
+            self.wall_s += ended[0] - t0
+            for (_, step), result in zip(checks, results):
+                self.record(result, step=step)
         return finish
 
     def compute(self, params, *, step: int):
@@ -521,6 +540,7 @@ class _Gradchecker:
     def record(self, result, *, step: int) -> None:
         """Log ``result`` at ``step``; tag, print or raise on a failure."""
         self.reports.append((step, result))
+        self.reports.sort(key=lambda item: item[0])
         self._tracker.log_metrics([(name, value, step)
                                    for name, value in result.metrics().items()])
         first_failure = result.passed is False and self.passed is not False
