@@ -443,8 +443,10 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
         tracker.log_artifact(plot)
         ckpt = report.save_params(host_params, folder / "final_params")
         tracker.log_artifact(ckpt, "final_params")
-        finish_checks()
-        gradchecker.log_artifacts(folder)
+        try:
+            finish_checks()
+        finally:  # a failed check (fail_run) keeps its report
+            gradchecker.log_artifacts(folder)
     timings["gradcheck_s"] = gradchecker.wall_s
     tracker.flush()  # every training point written before the timings are taken
     timings["log_s"] = tracker.log_s
