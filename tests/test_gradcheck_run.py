@@ -91,8 +91,9 @@ def test_checks_off(diabetes):
 
 
 def test_checks_leave_the_training_unchanged(diabetes):
-    """The float64 checks run beside the float32 training (the first in a thread while
-    the step compiles) without touching it: the final params are bit-identical."""
+    """The float64 checks (x64 mode switched on and off around them, at chunk ends
+    and after training) leave the float32 training untouched: the final params are
+    bit-identical."""
     on = train_and_evaluate(config(every_steps=50), diabetes, RecordingTracker())
     off = train_and_evaluate(config(every_steps=0), diabetes, RecordingTracker())
     for a, b in zip(jax.tree.leaves(on.params), jax.tree.leaves(off.params)):

@@ -257,7 +257,7 @@ def chunk_timings(t_start: float, done_at: list[float], chunk_steps: list[int]
 
 
 def gradcheck_steps(every_steps: int | None, chunk_ends: list[int]) -> set[int]:
-    """The chunk ends after which a gradient check runs (besides step 0, before training).
+    """The chunk ends after which a gradient check runs (besides the one of step 0).
 
     Args:
       every_steps: ``None``: only after the last step; ``0``: never; ``N``: at the
@@ -319,10 +319,9 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
     loss_fn = loss_fn or loss_for_task(dataset.task)
     gradchecker = _Gradchecker(cfg.gradcheck, graphdef, loss_fn, dataset, tracker, console,
                                key=jax.random.fold_in(root, GRADCHECK_STREAM))
-    # Where failing stops the run, the step-0 check runs now, before any step. Else it
-    # runs with the check after the last step, in a background thread while this one
-    # evaluates and writes the artifacts: the checks' float64 compilation (XLA releases
-    # the GIL) then overlaps that host work and never the timed steps.
+    # Where failing stops the run, the step-0 check runs now, before any step; else
+    # after training, beside the check of the last step, so the checks' one-off float64
+    # compilation never sits between the compile and the timed steps.
     initial_params = params
     check_first_now = cfg.gradcheck.every_steps != 0 and cfg.gradcheck.fail_run
     if check_first_now:
@@ -412,7 +411,6 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
         [(initial_params, 0)]
     if num_steps in check_after:
         late_checks.append((state.params, num_steps))
-    finish_checks = gradchecker.start(late_checks)
 
     predict = jax.jit(make_predict(graphdef))
     outputs = np.asarray(jax.device_get(predict(state.params, jnp.asarray(dataset.x_test))))
@@ -444,7 +442,8 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
         ckpt = report.save_params(host_params, folder / "final_params")
         tracker.log_artifact(ckpt, "final_params")
         try:
-            finish_checks()
+            for params_at, step in late_checks:
+                gradchecker(params_at, step=step)
         finally:  # a failed check (fail_run) keeps its report
             gradchecker.log_artifacts(folder)
     timings["gradcheck_s"] = gradchecker.wall_s
@@ -495,49 +494,18 @@ class _Gradchecker:
 
     def __call__(self, params, *, step: int) -> None:
         """Check the gradient at ``params`` and record the report at ``step``."""
-        t0 = time.perf_counter()
-        self.record(self.compute(params, step=step), step=step)
-        self.wall_s += time.perf_counter() - t0
-
-    def start(self, checks: list[tuple[Any, int]]) -> Callable[[], None]:
-        """Run the checks ``[(params, step)]`` in a background thread; returns
-        ``finish()``, which waits for them and records them (and raises as ``record``
-        does). x64 mode is thread-local in JAX, so other threads keep their dtypes;
-        ``gradcheck_s`` counts from here to the end of the last check."""
-        if not checks:
-            return lambda: None
-        import concurrent.futures
-
-        t0 = time.perf_counter()
-        ended: list[float] = []
-
-        def compute_all():
-            results = [self.compute(params, step=step) for params, step in checks]
-            ended.append(time.perf_counter())
-            return results
-
-        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gradcheck")
-        future = pool.submit(compute_all)
-        pool.shutdown(wait=False)
-
-        def finish() -> None:
-            results = future.result()
-            self.wall_s += ended[0] - t0
-            for (_, step), result in zip(checks, results):
-                self.record(result, step=step)
-        return finish
-
-    def compute(self, params, *, step: int):
-        """The report at ``params`` (pure: no logging)."""
         from . import gradcheck
 
         g = self._gcfg
         settings = gradcheck.GradcheckSettings(
             rel_tol=g.rel_tol, max_elements=g.max_elements, num_directions=g.num_directions,
             richardson=g.richardson, hvp=g.hvp)
-        return gradcheck.check_gradients(self._graphdef, params, self._probe, self._loss_fn,
-                                         key=jax.random.fold_in(self._key, step),
-                                         settings=settings)
+        t0 = time.perf_counter()
+        result = gradcheck.check_gradients(self._graphdef, params, self._probe, self._loss_fn,
+                                           key=jax.random.fold_in(self._key, step),
+                                           settings=settings)
+        self.wall_s += time.perf_counter() - t0
+        self.record(result, step=step)
 
     def record(self, result, *, step: int) -> None:
         """Log ``result`` at ``step``; tag, print or raise on a failure."""
