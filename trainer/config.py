@@ -26,7 +26,7 @@ from .models import INITIALIZERS
 from .optim import OPTIMIZERS, SCHEDULES
 
 __all__ = ["Config", "ModelConfig", "DataConfig", "OptimConfig", "TrainerConfig",
-           "TrackingConfig", "GradcheckConfig", "ConfigError", "CONF_DIR", "register_configs", "check_overrides",
+           "TrackingConfig", "GradcheckConfig", "PopulationConfig", "VMAPPABLE_KEYS", "ConfigError", "CONF_DIR", "register_configs", "check_overrides",
            "validate", "to_config"]
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -113,6 +113,28 @@ class TrackingConfig:
     run_name: Optional[str] = None     # None: "<experiment>-<model>-<time>"
 
 
+# Config keys whose values may differ between the members of one population: each is an
+# array in the training state (or used only at initialisation), never a constant baked into
+# the compiled program, so one executable trains every member (case C17). Every other key is
+# structural: points that differ in it are separate programs.
+VMAPPABLE_KEYS = ("seed", "optim.learning_rate", "optim.weight_decay", "optim.momentum",
+                  "optim.clip_norm", "optim.final_lr_fraction", "model.init_scale")
+
+
+@dataclass
+class PopulationConfig:
+    # A population: members that differ only in VMAPPABLE_KEYS, trained as one program.
+    # Empty `members`: a lone run of the config itself (no parent run).
+    members: list[dict[str, Any]] = field(default_factory=list)  # one {key: value} per member,
+                                       # e.g. [{seed: 0, optim.learning_rate: 0.01}, {seed: 1}]
+    parent_run_id: Optional[str] = None  # set by the sweeper: the sweep's parent run; None: the
+                                       # job opens its own parent when it has members
+    sweep_id: Optional[str] = None     # set by the sweeper: tags every run of one sweep
+    rerun: bool = False                # also rerun points that have a FINISHED run already
+    host_devices: Optional[int] = None  # CPU only: host devices the member axis is sharded
+                                       # over (None: one per core); set before JAX starts
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -121,6 +143,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     gradcheck: GradcheckConfig = field(default_factory=GradcheckConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    population: PopulationConfig = field(default_factory=PopulationConfig)
     seed: int = 0                      # PRNG seed: init, split, shuffling, gradient-check draws
     mode: str = "train"                # "train", or "gradcheck": the worked derivative examples
 
