@@ -54,6 +54,12 @@ def all_runs(client) -> list:
     return client.search_runs(experiments, max_results=1000) if experiments else []
 
 
+def split_runs(runs) -> tuple[list, list]:
+    """``(parents, others)``: a sweep's parent runs, and every other run (lone or member)."""
+    parents = [r for r in runs if r.data.tags.get("population.role") == "parent"]
+    return parents, [r for r in runs if r.data.tags.get("population.role") != "parent"]
+
+
 class RecordingTracker:
     """Keeps what ``loop.train_and_evaluate`` logs, in memory, for unit tests of the loop.
 

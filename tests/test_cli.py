@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, all_runs, cli_env, store_client
+from conftest import split_runs, REPO, all_runs, cli_env, store_client
 
 pytestmark = pytest.mark.slow
 
@@ -285,11 +285,11 @@ def test_store_stays_in_launch_dir_with_chdir(run_cli, tmp_path):
     assert not list(tmp_path.rglob("mlflow.db"))[1:], list(tmp_path.rglob("mlflow.db"))
 
     client = store_client(tmp_path)
-    runs = all_runs(client)
-    assert len(runs) == 3
-    assert len({r.info.experiment_id for r in runs}) == 1
-    assert all(r.info.status == "FINISHED" for r in runs)
-    assert all(r.data.tags["tracking_uri"] == uri for r in runs)
+    parents, runs = split_runs(all_runs(client))
+    assert len(runs) == 3 and len(parents) == 1  # the sweep: one parent, two members
+    assert len({r.info.experiment_id for r in runs + parents}) == 1
+    assert all(r.info.status == "FINISHED" for r in runs + parents)
+    assert all(r.data.tags["tracking_uri"] == uri for r in runs + parents)
     assert sorted(float(r.data.params["optim.learning_rate"]) for r in runs) == [0.01, 0.01, 0.02]
 
 
@@ -356,8 +356,9 @@ def test_multirun_beside_old_file_store(run_cli, tmp_path):
     assert proc.returncode == 0, output
     assert "maintenance" not in output.lower()
     assert (tmp_path / "mlruns" / "mlflow.db").is_file()
-    runs = all_runs(store_client(tmp_path))
-    assert len(runs) == 2
+    parents, runs = split_runs(all_runs(store_client(tmp_path)))
+    assert len(runs) == 2 and len(parents) == 1
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in runs)
     assert all(r.data.tags["tracking_uri"] == default_uri(tmp_path) for r in runs)
     assert all(r.info.status == "FINISHED" and r.info.end_time for r in runs)
     assert len({r.info.run_id for r in runs}) == 2
@@ -365,14 +366,19 @@ def test_multirun_beside_old_file_store(run_cli, tmp_path):
     assert sorted(r.data.params["seed"] for r in runs) == ["0", "1"]
 
 
-def test_multirun_continues_after_failed_job(run_cli, tmp_path):
-    """C02, C07: the first job of a sweep diverges; the second still runs in its own run,
-    nothing is 'already active', and the process exits non-zero."""
-    proc = run_cli("-m", SMOKE, "optim=sgd", "optim.learning_rate=1e6,0.01")
+@pytest.mark.parametrize("sweeper", ["population", "basic"])
+def test_multirun_continues_after_failed_job(run_cli, tmp_path, sweeper):
+    """C02, C07: the first point of a sweep diverges; the second still trains in its own
+    run, nothing is 'already active', and the process exits non-zero. With the
+    population sweeper both are members of one program: the diverging member stops
+    alone (masked on the device) and its run ends FAILED, the other finishes."""
+    proc = run_cli("-m", SMOKE, "optim=sgd", "optim.learning_rate=1e6,0.01",
+                   f"hydra/sweeper={sweeper}")
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output
     assert "already active" not in output.lower()
-    runs = all_runs(store_client(tmp_path))
+    parents, runs = split_runs(all_runs(store_client(tmp_path)))
+    assert len(parents) == (sweeper == "population")
     assert len(runs) == 2, output
     assert len({r.info.run_id for r in runs}) == 2
     by_lr = {float(r.data.params["optim.learning_rate"]): r for r in runs}
@@ -520,3 +526,100 @@ def test_non_numeric_csv_cell_is_reported(run_cli, tmp_path):
     assert "table.csv" in err and "'b'" in err and "line 6" in err and "oops" in err
     assert "Traceback" not in err
     assert not (tmp_path / "mlruns").exists()
+
+
+# --- Hydra's own config groups on the command line --------------------------------------------
+
+def test_hydra_group_overrides_reach_hydra(tmp_path):
+    """hydra/launcher=basic and hydra/job_logging=disabled pass the pre-check and Hydra
+    applies them (no job log file); an unknown hydra/launcher=nope exits 2 with one line
+    naming the options, before any run or folder exists."""
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.mkdir()
+    bad.mkdir()
+    jobs = [start_cli(SMOKE, "trainer.num_steps=20", "hydra/launcher=basic",
+                      "hydra/job_logging=disabled", cwd=good),
+            start_cli(SMOKE, "hydra/launcher=nope", cwd=bad)]
+    (code, out, err), (bad_code, bad_out, bad_err) = (finish(p) for p in jobs)
+
+    assert code == 0, out + err
+    assert "unknown config key" not in err
+    (run,) = all_runs(store_client(good))
+    assert run.info.status == "FINISHED"
+    output_dir = Path(run.data.tags["hydra.output_dir"])
+    assert (output_dir / ".hydra" / "overrides.yaml").is_file()
+    assert not list(output_dir.glob("*.log")), "hydra/job_logging=disabled was not applied"
+
+    assert bad_code == 2, bad_out + bad_err
+    assert "'hydra/launcher=nope'" in bad_err and "basic" in bad_err
+    assert 0 < len(bad_err.strip().splitlines()) <= 3, bad_err
+    assert "Traceback" not in bad_err and "HYDRA_FULL_ERROR" not in bad_err
+    assert list(bad.iterdir()) == [], "a folder or store was created"
+
+
+# --- C18: one output folder per job ----------------------------------------------------------
+
+def overrides_match_params(folder: Path, run) -> None:
+    """The folder's .hydra/overrides.yaml is the command line of ``run``: every key=value
+    override is the run's param, the experiment its tag."""
+    import yaml
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text())
+    assert run.data.tags["overrides"].split() == overrides
+    for override in overrides:
+        key, value = override.split("=", 1)
+        if key == "+experiment":
+            assert run.data.tags["experiment"] == value
+        elif key == "population.members":  # the sweeper's job: this member's own values
+            (member,) = OverridesParser.create().parse_overrides([override])[0].value()
+            for k, v in member.items():
+                assert float(run.data.params[k]) == float(v), (folder, k, v)
+        elif key in ("population.sweep_id", "population.parent_run_id"):
+            tag = {"population.sweep_id": "sweep_id",
+                   "population.parent_run_id": "mlflow.parentRunId"}[key]
+            assert run.data.tags[tag] == value.strip("'"), (folder, override)
+        else:
+            assert run.data.params[key] == value, (folder, override, run.data.params[key])
+
+
+def test_c18_six_runs_started_together_get_own_folders(tmp_path):
+    """C18: six single runs started together from one folder each write their own
+    outputs/<date>/<time>-<pid>-<random> folder, whose .hydra files describe that run."""
+    quick = ("trainer.num_steps=20", "gradcheck.every_steps=0")
+    jobs = [start_cli(SMOKE, f"seed={i}", *quick, cwd=tmp_path) for i in range(6)]
+    for code, out, err in (finish(p, timeout=600) for p in jobs):
+        assert code == 0, out + err
+    folders = sorted(p.parent for p in tmp_path.glob("outputs/*/*/.hydra"))
+    assert len(folders) == 6, folders
+    runs = all_runs(store_client(tmp_path))
+    assert len(runs) == 6 and all(r.info.status == "FINISHED" for r in runs)
+    by_folder = {Path(r.data.tags["hydra.output_dir"]): r for r in runs}
+    assert sorted(by_folder) == [f.resolve() for f in folders]
+    for folder in folders:
+        overrides_match_params(folder, by_folder[folder.resolve()])
+        assert folder.name.split("-")[3] == by_folder[folder.resolve()].data.tags["pid"]
+    assert sorted(r.data.params["seed"] for r in runs) == [str(i) for i in range(6)]
+
+
+def test_c18_two_multiruns_started_together_get_own_sweep_folders(tmp_path):
+    """C18: two multiruns started together from one folder get their own
+    multirun/<date>/<time>-<pid>-<random> folder; job 0 of each (a population of one)
+    describes its own member run, under its own parent."""
+    quick = ("trainer.num_steps=20", "gradcheck.every_steps=0")
+    jobs = [start_cli("-m", SMOKE, f"optim.learning_rate={lr}", *quick, cwd=tmp_path)
+            for lr in ("0.1", "0.9")]
+    for code, out, err in (finish(p, timeout=600) for p in jobs):
+        assert code == 0, out + err
+    sweeps = sorted(p.parent for p in tmp_path.glob("multirun/*/*/multirun.yaml"))
+    assert len(sweeps) == 2, sweeps
+    parents, runs = split_runs(all_runs(store_client(tmp_path)))
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs + parents)
+    assert len(parents) == 2
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {p.info.run_id for p in parents}
+    by_folder = {Path(r.data.tags["hydra.output_dir"]): r for r in runs}
+    assert sorted(by_folder) == [(s / "0").resolve() for s in sweeps]
+    for sweep in sweeps:
+        overrides_match_params(sweep / "0", by_folder[(sweep / "0").resolve()])
+    assert sorted(r.data.params["optim.learning_rate"] for r in runs) == ["0.1", "0.9"]

@@ -13,13 +13,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
 from trainer import gradcheck
 from trainer.gradcheck import GradcheckSettings, check_gradients
 from trainer.models import TanhMLP, TiedTanh, count_params
+from trainer.config import OptimConfig
+from trainer.optim import make_optimizer
 from trainer.steps import cross_entropy_loss, init_train_state, make_train_step, mse_loss
 
 NOTEBOOK_LOSS = 1.0354788   # float32, the notebook's seed net
@@ -208,9 +209,12 @@ def test_c12_float32_training_is_checked_in_float64_and_x64_is_restored():
 
 def test_c15_one_theta_after_an_sgd_step_and_its_two_uses_add_up():
     graphdef, params, (x, y) = tied3()
-    tx = optax.sgd(0.1)
-    step = jax.jit(make_train_step(graphdef, tx, mse_loss, optax.constant_schedule(0.1)))
-    state, _ = step(init_train_state(params, tx, key=jax.random.key(1)), (x, y))
+    tx = make_optimizer(OptimConfig(name="sgd", learning_rate=0.1), 1)
+    step = jax.jit(make_train_step(graphdef, tx, mse_loss))
+    state, _ = step(init_train_state(jax.tree.map(lambda a: a[None], params), tx,
+                                     {"learning_rate": jnp.full((1,), 0.1)},
+                                     key=jax.random.key(1)[None]), (x[None], y[None]))
+    state = state._replace(params=jax.tree.map(lambda a: a[0], state.params))
     assert count_params(state.params) == 9 and gradcheck.tensor_names(state.params) == ["theta"]
     report = check_gradients(graphdef, state.params, (x, y), mse_loss, key=jax.random.key(0))
     assert report.passed, report.failures()
@@ -409,12 +413,16 @@ def test_correct_gradient_near_convergence_passes_where_a_pure_relative_test_fai
     model = TanhMLP(10, 1, (8,), kernel_init=LECUN, tied_hidden=False, key=jax.random.key(0))
     graphdef, params = nnx.split(model, nnx.Param)
     num_steps = 3000
-    tx = optax.adam(optax.cosine_decay_schedule(3e-2, num_steps))
-    step = make_train_step(graphdef, tx, mse_loss, optax.constant_schedule(0.0))
-    state = init_train_state(params, tx, key=jax.random.key(1))
-    state, metrics = jax.jit(lambda s: jax.lax.scan(lambda s, _: step(s, (x, y)), s, None,
-                                                    length=num_steps))(state)
-    assert float(metrics["grad_norm"][-1]) < 3e-3 < float(metrics["grad_norm"][0])
+    tx = make_optimizer(OptimConfig(name="adam", learning_rate=3e-2, schedule="cosine"),
+                        num_steps)
+    step = make_train_step(graphdef, tx, mse_loss)
+    state = init_train_state(jax.tree.map(lambda a: a[None], params), tx,
+                             {"learning_rate": jnp.full((1,), 3e-2),
+                              "final_lr_fraction": jnp.zeros((1,))}, key=jax.random.key(1)[None])
+    state, metrics = jax.jit(lambda s: jax.lax.scan(
+        lambda s, _: step(s, (x[None], y[None])), s, None, length=num_steps))(state)
+    state = state._replace(params=jax.tree.map(lambda a: a[0], state.params))
+    assert float(metrics["grad_norm"][-1, 0]) < 3e-3 < float(metrics["grad_norm"][0, 0])
 
     report = check_gradients(graphdef, state.params, (x, y), mse_loss, key=jax.random.key(0))
     assert report.passed, report.failures()

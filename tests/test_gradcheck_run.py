@@ -153,7 +153,7 @@ def test_fail_run_stops_a_run_with_a_broken_gradient(diabetes):
 def test_probe_batch_is_the_first_training_rows(diabetes):
     """The probe is fixed: the first probe_batch_size rows of the training split, so
     checks at different steps compare like with like; a larger size is clamped."""
-    from trainer.loop import _Gradchecker
+    from trainer.checks import Gradchecker as _Gradchecker
 
     g = _Gradchecker(dataclasses.replace(GradcheckConfig(), probe_batch_size=10**6), None,
                      mse_loss, diabetes, RecordingTracker(), None, key=jax.random.key(0))

@@ -5,13 +5,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
 from trainer.config import DataConfig
 from trainer.data import load_dataset
 from trainer.models import ModelSpec, TanhMLP, TiedTanh, count_params, init_model
+from trainer.config import OptimConfig
+from trainer.optim import make_optimizer
 from trainer.steps import init_train_state, make_train_step, mse_loss
 
 
@@ -56,9 +57,12 @@ def test_c15_tied_model_has_one_theta_after_a_step():
     graphdef, params = nnx.split(model, nnx.Param)
     assert count_params(params) == 9
     assert [p.shape for p in jax.tree.leaves(params)] == [(3, 3)]
-    tx = optax.sgd(0.1)
-    step = jax.jit(make_train_step(graphdef, tx, mse_loss, optax.constant_schedule(0.1)))
-    state, _ = step(init_train_state(params, tx, key=jax.random.key(1)), (x, y))
+    tx = make_optimizer(OptimConfig(name="sgd", learning_rate=0.1), 1)
+    step = jax.jit(make_train_step(graphdef, tx, mse_loss))
+    state, _ = step(init_train_state(jax.tree.map(lambda a: a[None], params), tx,
+                                     {"learning_rate": jnp.full((1,), 0.1)},
+                                     key=jax.random.key(1)[None]), (x[None], y[None]))
+    state = state._replace(params=jax.tree.map(lambda a: a[0], state.params))
     leaves = jax.tree.leaves(state.params)
     assert len(leaves) == 1 and leaves[0].shape == (3, 3)
     assert not np.allclose(leaves[0], jax.tree.leaves(params)[0])

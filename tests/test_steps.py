@@ -15,10 +15,11 @@ from flax import nnx
 
 from conftest import RecordingTracker
 from trainer.config import Config, DataConfig, ModelConfig, OptimConfig, TrainerConfig
+from trainer.optim import make_optimizer
 from trainer.data import load_dataset
 from trainer.loop import NonFiniteLossError, chunk_points, chunk_timings, train_and_evaluate
 from trainer.models import ModelSpec, init_model
-from trainer.steps import (DeviceData, check_scalar_loss, init_train_state, make_train_chunk,
+from trainer.steps import (DeviceData, check_scalar_loss, init_train_state, make_train_chunk, row_permutation,
                            make_train_step, mse_loss)
 
 
@@ -27,32 +28,38 @@ def diabetes():
     return load_dataset(DataConfig(kind="diabetes"), seed=0)
 
 
-def small_setup(dataset, *, lr=1e-2, optimizer=None):
+def small_setup(dataset, *, lr=1e-2, members=1):
+    """A population of ``members`` copies of a tanh MLP [8] with Adam at ``lr``: stacked
+    params, the optimizer, its per-member values and the members' data."""
     model = init_model(ModelSpec("mlp", dataset.in_features, 1, 0, (8,), False, "lecun_normal",
                                  1.0), key=jax.random.key(0))
     graphdef, params = nnx.split(model, nnx.Param)
-    schedule = optax.constant_schedule(lr)
-    tx = optimizer or optax.adam(schedule)
-    data = DeviceData(*map(jnp.asarray, (dataset.x_train, dataset.y_train, dataset.x_val,
-                                         dataset.y_val)))
-    return graphdef, params, tx, schedule, data
+    optimizer = make_optimizer(OptimConfig(name="adam", learning_rate=lr), 1000)
+    values = {"learning_rate": jnp.full((members,), lr, jnp.float32)}
+    stack = lambda a: jnp.stack([jnp.asarray(a)] * members)  # noqa: E731
+    data = DeviceData(*map(stack, (dataset.x_train, dataset.y_train, dataset.x_val,
+                                   dataset.y_val)))
+    return graphdef, jax.tree.map(stack, params), optimizer, values, data
+
+
+def keys_for(*seeds):
+    return jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
 
 
 def test_c14_three_steps_update_params_and_optimizer_state(diabetes):
     """C14: the split-state pattern under plain jax.jit keeps its updates: after three
     steps the params differ, the optimizer's step count is 3 and the loss changed."""
-    graphdef, params, tx, schedule, data = small_setup(diabetes)
-    step = jax.jit(make_train_step(graphdef, tx, mse_loss, schedule))
-    state = init_train_state(params, tx, key=jax.random.key(1))
-    batch = (data.x_train[:32], data.y_train[:32])
+    graphdef, params, tx, values, data = small_setup(diabetes)
+    step = jax.jit(make_train_step(graphdef, tx, mse_loss))
+    state = init_train_state(params, tx, values, key=keys_for(1))
+    batch = (data.x_train[:, :32], data.y_train[:, :32])
     losses = []
     for _ in range(3):
         state, metrics = step(state, batch)
-        losses.append(float(metrics["train_loss"]))
+        losses.append(float(metrics["train_loss"][0]))
     changed = jax.tree.map(lambda a, b: not np.allclose(a, b), state.params, params)
     assert all(jax.tree.leaves(changed))
-    adam_state = state.opt_state[0]
-    assert int(adam_state.count) == 3
+    assert int(state.opt_state.count[0]) == 3  # inject_hyperparams counts the updates
     assert int(state.step) == 3
     assert losses[2] < losses[0]
 
@@ -60,30 +67,31 @@ def test_c14_three_steps_update_params_and_optimizer_state(diabetes):
 def test_scanned_chunk_equals_single_steps(diabetes):
     """K steps in one lax.scan give the params of K single jitted steps on the batches
     the documented order names (permutation of fold_in(key, epoch))."""
-    graphdef, params, tx, schedule, data = small_setup(diabetes)
+    graphdef, params, tx, values, data = small_setup(diabetes)
     batch_size, k = 32, 12
-    key = jax.random.key(3)
-    step = make_train_step(graphdef, tx, mse_loss, schedule)
+    keys = keys_for(3)
+    step = make_train_step(graphdef, tx, mse_loss)
     chunk = jax.jit(make_train_chunk(step, graphdef, mse_loss, num_steps=24, steps_per_call=k,
                                      batch_size=batch_size, eval_every_steps=4,
                                      log_every_steps=2))
-    scanned, (step_metrics, eval_metrics) = chunk(init_train_state(params, tx, key=key), data)
+    scanned, (step_metrics, eval_metrics) = chunk(init_train_state(params, tx, values,
+                                                                   key=keys), data)
 
     single = jax.jit(step)
-    state = init_train_state(params, tx, key=key)
-    n = data.x_train.shape[0]
+    state = init_train_state(params, tx, values, key=keys)
+    n = data.x_train.shape[1]
     per_epoch = n // batch_size
     losses = []
     for s in range(k):
-        order = jax.random.permutation(jax.random.fold_in(key, s // per_epoch), n)
+        order = row_permutation(jax.random.fold_in(keys[0], s // per_epoch), n)
         idx = order[(s % per_epoch) * batch_size:(s % per_epoch + 1) * batch_size]
-        state, m = single(state, (data.x_train[idx], data.y_train[idx]))
-        losses.append(float(m["train_loss"]))
+        state, m = single(state, (data.x_train[:, idx], data.y_train[:, idx]))
+        losses.append(float(m["train_loss"][0]))
     for a, b in zip(jax.tree.leaves(scanned.params), jax.tree.leaves(state.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # metrics come back for the first step of each block of gcd(12, 4, 2) = 2 steps
     assert step_metrics["step"].tolist() == list(range(0, k, 2))
-    np.testing.assert_allclose(step_metrics["train_loss"], losses[::2], rtol=1e-5)
+    np.testing.assert_allclose(step_metrics["train_loss"][:, 0], losses[::2], rtol=1e-5)
     assert eval_metrics["evaluated"].tolist() == [False, True] * 3
     assert eval_metrics["val_step"][1::2].tolist() == [3, 7, 11]
 
@@ -96,17 +104,17 @@ def test_scanned_chunk_equals_single_steps(diabetes):
 def test_ragged_last_chunk_is_masked(diabetes, num_steps, every):
     """num_steps not a multiple of steps_per_call: the tail does nothing, the last
     step is evaluated, and the step counter stops at num_steps."""
-    graphdef, params, tx, schedule, data = small_setup(diabetes)
-    step = make_train_step(graphdef, tx, mse_loss, schedule)
+    graphdef, params, tx, values, data = small_setup(diabetes)
+    step = make_train_step(graphdef, tx, mse_loss)
     chunk = jax.jit(make_train_chunk(step, graphdef, mse_loss, num_steps=num_steps,
                                      steps_per_call=10, batch_size=32, eval_every_steps=every,
                                      log_every_steps=every))
-    state = init_train_state(params, tx, key=jax.random.key(0))
+    state = init_train_state(params, tx, values, key=keys_for(0))
     state, _ = chunk(state, data)
     before = jax.tree.leaves(state.params)
     state, (step_metrics, eval_metrics) = chunk(state, data)
     assert int(state.step) == num_steps
-    active_steps = step_metrics["step"][step_metrics["active"]].tolist()
+    active_steps = step_metrics["step"][step_metrics["active"][:, 0]].tolist()
     assert active_steps == list(range(10, num_steps, every))
     evaluated_at = eval_metrics["val_step"][eval_metrics["evaluated"]].tolist()
     assert evaluated_at[-1] == num_steps - 1
@@ -116,25 +124,35 @@ def test_ragged_last_chunk_is_masked(diabetes, num_steps, every):
         np.testing.assert_array_equal(a, b)
 
 
-def test_nonfinite_step_is_recorded_on_device_and_skipped(diabetes):
-    """C07: the first non-finite step is recorded in the state; in skip mode its update
-    is dropped, so params stay finite."""
-    graphdef, params, tx, schedule, data = small_setup(diabetes)
-    step = jax.jit(make_train_step(graphdef, tx, mse_loss, schedule, skip_nonfinite=True))
-    state = init_train_state(params, tx, key=jax.random.key(0))
-    good = (data.x_train[:4], data.y_train[:4])
-    bad = (data.x_train[:4], data.y_train[:4].at[0, 0].set(jnp.inf))
+@pytest.mark.parametrize("skip", [True, False])
+def test_nonfinite_step_is_recorded_on_device_and_isolated(diabetes, skip):
+    """C07: a member's first non-finite step is recorded in the state and its update
+    dropped, so its params stay finite; in skip mode it goes on, in stop mode it stops
+    (frozen); the other member trains on either way."""
+    graphdef, params, tx, values, data = small_setup(diabetes, members=2)
+    step = jax.jit(make_train_step(graphdef, tx, mse_loss, skip_nonfinite=skip))
+    state = init_train_state(params, tx, values, key=keys_for(0, 1))
+    good = (data.x_train[:, :4], data.y_train[:, :4])
+    bad = (good[0], good[1].at[0, 0, 0].set(jnp.inf))  # member 0 only
     state, m0 = step(state, good)
     state, m1 = step(state, bad)
+    frozen = jax.tree.map(lambda a: a[0], state.params)
     state, m2 = step(state, good)
-    assert bool(m0["finite"]) and not bool(m1["finite"]) and bool(m2["finite"])
-    assert int(state.nonfinite_step) == 1 and int(state.nonfinite_count) == 1
+    assert m0["finite"].tolist() == [True, True] and m1["finite"].tolist() == [False, True]
+    assert state.nonfinite_step.tolist() == [1, -1]
+    assert state.nonfinite_count.tolist() == [1, 0]
+    assert state.active.tolist() == [skip, True]
     assert all(bool(jnp.isfinite(p).all()) for p in jax.tree.leaves(state.params))
+    moved = [not np.array_equal(a[0], b) for a, b in zip(jax.tree.leaves(state.params),
+                                                        jax.tree.leaves(frozen))]
+    assert all(moved) == skip and any(moved) == skip
+    assert int(state.opt_state.count[1]) == 3
 
 
 def test_c13_non_scalar_loss_stops_before_training_with_its_shape(diabetes):
     """C13: a loss that returns one value per row is refused, naming the shape."""
     graphdef, params, *_ = small_setup(diabetes)
+    params = jax.tree.map(lambda a: a[0], params)  # one member
 
     def per_row_loss(pred, target):
         return jnp.mean((pred - target) ** 2, axis=1)
@@ -195,11 +213,12 @@ def test_divergence_stops_with_the_step_and_keeps_earlier_points(diabetes):
 def test_chunk_points_are_plain_python_numbers():
     """C08: values are Python floats, steps Python ints; only steps on the log grid."""
     steps = np.array([10, 12, 14, 16], np.int32)
-    step_metrics = {"train_loss": np.linspace(1, 2, 4, dtype=np.float32),
-                    "grad_norm": np.ones(4, np.float32), "learning_rate": np.ones(4, np.float32),
-                    "finite": np.ones(4, bool), "step": steps,
-                    "active": np.array([1, 1, 1, 0], bool)}
-    eval_metrics = {"val_loss": np.array([0.5, np.nan], np.float32),
+    step_metrics = {"train_loss": np.linspace(1, 2, 4, dtype=np.float32)[:, None],
+                    "grad_norm": np.ones((4, 1), np.float32),
+                    "learning_rate": np.ones((4, 1), np.float32),
+                    "finite": np.ones((4, 1), bool), "step": steps,
+                    "active": np.array([[1], [1], [1], [0]], bool)}
+    eval_metrics = {"val_loss": np.array([[0.5], [np.nan]], np.float32),
                     "val_step": np.array([13, 15], np.int32),
                     "evaluated": np.array([True, False])}
     points = chunk_points((step_metrics, eval_metrics), log_every_steps=4)
@@ -242,12 +261,13 @@ def test_c10_reported_step_time_matches_blocked_wall_time(diabetes):
     model = init_model(ModelSpec("mlp", diabetes.in_features, 1, 0, hidden, False,
                                  "lecun_normal", 1.0), key=jax.random.key(0))
     graphdef, params = nnx.split(model, nnx.Param)
-    *_, tx, schedule, data = small_setup(diabetes, lr=1e-3)
-    step = make_train_step(graphdef, tx, mse_loss, schedule, skip_nonfinite=False)
+    params = jax.tree.map(lambda a: a[None], params)
+    *_, tx, values, data = small_setup(diabetes, lr=1e-3)
+    step = make_train_step(graphdef, tx, mse_loss)
     chunk = jax.jit(make_train_chunk(step, graphdef, mse_loss, num_steps=5 * k,
                                      steps_per_call=k, batch_size=batch, eval_every_steps=k,
                                      log_every_steps=k))
-    state = init_train_state(params, tx, key=jax.random.key(1))
+    state = init_train_state(params, tx, values, key=keys_for(1))
     state, _ = chunk(state, data)  # compile and warm up
     jax.block_until_ready(state)
     t0 = time.perf_counter()

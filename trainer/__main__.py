@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 import sys
+import time
 from pathlib import Path
 
 EXIT_USAGE = 2        # bad config or data: nothing ran
@@ -27,6 +29,7 @@ def main() -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import hydra
     from hydra._internal.utils import get_args_parser
+    from omegaconf import OmegaConf
     from rich.console import Console
 
     from .config import CONF_DIR, ConfigError, check_overrides, register_configs
@@ -40,6 +43,13 @@ def main() -> int:
             err_console.print(f"[bold red]config error:[/] {err}")
             return EXIT_USAGE
     register_configs()
+    # Output folders (conf/config.yaml) end in this id, fixed for the process: Hydra's
+    # ${now:%H-%M-%S} alone is shared by launches in the same second (case C18); the pid
+    # separates processes on one host, the random part containers and hosts on one disk.
+    # use_cache keeps the value in the config Hydra hands to launchers in other processes.
+    launch_id = f"{time.strftime('%H-%M-%S')}-{os.getpid()}-{secrets.token_hex(2)}"
+    OmegaConf.register_new_resolver("trainer.launch_id", lambda: launch_id, replace=True,
+                                    use_cache=True)
     exit_codes: list[int] = []
 
     def task(cfg) -> None:
@@ -63,12 +73,13 @@ def run_job(cfg, err_console) -> int:
     from omegaconf import OmegaConf
     from rich.console import Console
 
-    from .config import ConfigError, to_config, validate
+    from .config import ConfigError, member_configs, to_config, validate
     from .data import DataError, load_dataset
     from .loop import GradcheckFailedError, NonFiniteLossError, check_worked_examples, \
         train_and_evaluate
+    from .population import set_host_devices
     from .report import print_summary
-    from .tracking import (TrackingError, environment_tags, flatten_config,
+    from .tracking import (TrackingError, config_hash, environment_tags, flatten_config,
                            get_or_create_experiment, open_store, resolve_store, start_run,
                            ui_command)
 
@@ -80,13 +91,27 @@ def run_job(cfg, err_console) -> int:
     try:
         validate(cfg)
         c = to_config(cfg)
-        data_cfg = c.data
-        if data_cfg.path and not Path(data_cfg.path).expanduser().is_absolute():
-            data_cfg = dataclasses.replace(data_cfg, path=str(launch_dir / data_cfg.path))
-        dataset = load_dataset(data_cfg, seed=c.seed) if c.mode == "train" else None
+        # before anything starts JAX's backend: the member axis's host devices
+        set_host_devices(c.population.host_devices)
+        members = member_configs(cfg) if c.population.members else None
+        datasets = []
+        if c.mode == "train":
+            by_seed: dict = {}  # the split depends on the seed only
+            for _, member in members or [({}, cfg)]:
+                mc = to_config(member)
+                data_cfg = mc.data
+                if data_cfg.path and not Path(data_cfg.path).expanduser().is_absolute():
+                    data_cfg = dataclasses.replace(data_cfg, path=str(launch_dir / data_cfg.path))
+                if mc.seed not in by_seed:
+                    by_seed[mc.seed] = load_dataset(data_cfg, seed=mc.seed)
+                datasets.append(by_seed[mc.seed])
+        dataset = datasets[0] if datasets else None
     except (ConfigError, DataError) as err:
         kind = "config" if isinstance(err, ConfigError) else "data"
         err_console.print(f"[bold red]{kind} error:[/] {err}")
+        return EXIT_USAGE
+    if members is not None and c.mode != "train":
+        err_console.print("[bold red]config error:[/] population.members needs mode=train")
         return EXIT_USAGE
 
     store = resolve_store(c.tracking.uri, launch_dir)
@@ -99,9 +124,14 @@ def run_job(cfg, err_console) -> int:
         return EXIT_FAILED
     console.print(f"tracking store: {store.tracking_uri}")
     job = f"-job{hydra_cfg.job.num}" if hydra_cfg.mode.name == "MULTIRUN" else ""
-    tags = {**environment_tags(), "experiment": experiment, "overrides": " ".join(overrides),
+    typed = " ".join(overrides)  # a sweeper's population.members list can be long
+    typed = typed if len(typed) <= 5000 else typed[:5000] + " ... (see config.yaml)"
+    tags = {**environment_tags(), "experiment": experiment, "overrides": typed,
             "tracking_uri": store.tracking_uri, "launch_dir": str(launch_dir),
             "hydra.output_dir": hydra_cfg.runtime.output_dir, "mode": c.mode}
+    if members is not None:
+        return _population_job(client, store, experiment_id, experiment_name, cfg, members,
+                               datasets, tags=tags, console=console, err_console=err_console)
     if dataset is not None:
         data = "" if dataset.name == experiment else f"-{dataset.name}"
         run_name = c.tracking.run_name or (f"{experiment}{data}-{c.model.kind}-{c.optim.name}-"
@@ -114,6 +144,7 @@ def run_job(cfg, err_console) -> int:
         with start_run(client, experiment_id, run_name=run_name, tags=tags) as tracker:
             console.print(f"run {tracker.run_id} ({run_name}) in experiment {experiment_name!r}")
             resolved = OmegaConf.to_container(cfg, resolve=True)
+            tracker.set_tags({"config_hash": config_hash(resolved)})
             tracker.log_params(flatten_config(resolved))
             tracker.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
             tracker.log_text(OmegaConf.to_yaml(overrides), "overrides.yaml")
@@ -146,6 +177,30 @@ def run_job(cfg, err_console) -> int:
     print_summary(console, result=result, run_id=tracker.run_id, experiment=experiment_name,
                   ui="make ui" if make_ui else ui_command(store), tracking_uri=store.tracking_uri)
     return 0
+
+
+def _population_job(client, store, experiment_id, experiment_name, cfg, members, datasets, *,
+                    tags, console, err_console) -> int:
+    """One population job: its members as child runs (``sweep.run_population_job``)."""
+    from .loop import GradcheckFailedError
+    from .report import print_population
+    from .sweep import run_population_job
+    from .tracking import TrackingError
+
+    try:
+        results = run_population_job(client, store, experiment_id, experiment_name, cfg,
+                                     members, datasets, tags=tags, console=console,
+                                     err_console=err_console)
+    except KeyboardInterrupt as err:
+        err_console.print(f"[bold red]stopped:[/] {str(err) or 'interrupted (Ctrl-C)'}; "
+                          "the population's runs ended KILLED")
+        err.reported = True
+        raise
+    except (GradcheckFailedError, ValueError, TrackingError) as err:
+        err_console.print(f"[bold red]error:[/] {err}. The population's runs ended FAILED.")
+        return EXIT_FAILED
+    print_population(console, results, tracking_uri=store.tracking_uri)
+    return EXIT_FAILED if any(r.failed_step is not None for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from .data import DATA_KINDS
 from .models import INITIALIZERS
@@ -202,7 +202,10 @@ def check_overrides(overrides: list[str]) -> None:
 
     Catches what Hydra accepts silently (``+trainer.typo=1``), what it words
     cryptically (``experiment=x`` without ``+``, an unknown experiment, a key
-    misspelled) and values of the wrong type, with the nearest valid name.
+    misspelled) and values of the wrong type, with the nearest valid name. Hydra's own
+    settings pass: ``hydra.*`` keys unchecked, ``hydra/<group>=<option>`` checked against
+    the options Hydra would find (its own, installed plugins', ours), unless
+    ``hydra.searchpath`` adds places to look.
 
     Raises:
       ConfigError: naming the override and the fix.
@@ -216,10 +219,15 @@ def check_overrides(overrides: list[str]) -> None:
         raise ConfigError(f"cannot parse the overrides: {' '.join(str(err).split())}. Quote "
                           "values with special characters, e.g. 'data.path=\"~/x.csv\"'"
                           ) from None
+    searchpath = any(ov.key_or_group == "hydra.searchpath" for ov in parsed)
     for ov in parsed:
         key = ov.key_or_group
         text = ov.input_line
         if key == "hydra" or key.startswith("hydra."):
+            continue
+        if key.startswith("hydra/"):
+            if not searchpath:
+                _check_hydra_group(ov)
             continue
         if key == "experiment":
             if ov.type.name == "CHANGE":
@@ -236,6 +244,27 @@ def check_overrides(overrides: list[str]) -> None:
         expected = _resolve_key(key)
         for value in _values(ov):
             _check_type(key, value, expected)
+
+
+def _check_hydra_group(ov) -> None:
+    """``hydra/<group>=<option>``: the group and option must exist where Hydra looks.
+
+    Hydra's own message for a wrong option is nine lines with its search path (exit 1);
+    this gives one line with the options, before anything runs.
+    """
+    if ov.is_delete() or None in _values(ov):  # removing the group: Hydra's business
+        return
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+
+    # The same search path hydra.main builds (plugins add theirs while it is built).
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(f"file://{CONF_DIR}"))
+    group = ov.key_or_group
+    groups = [f"hydra/{name}" for name in loader.list_groups("hydra")]
+    if group not in groups:
+        raise ConfigError(f"{ov.input_line!r}: Hydra has no config group {group!r}"
+                          f"{_suggest(group, groups)} (groups: {', '.join(groups)})")
+    _check_choices(ov, group, loader.get_group_options(group), plus=False)
 
 
 def _first_value(ov) -> str:
@@ -388,3 +417,57 @@ def _choice(key: str, value: str, choices) -> None:
 def _positive(key: str, value) -> None:
     if value <= 0:
         raise ConfigError(f"{key}={value}: must be greater than 0")
+
+
+# --- populations -------------------------------------------------------------------------
+
+def member_configs(cfg: DictConfig) -> list[tuple[dict[str, Any], DictConfig]]:
+    """The members of the population that ``cfg`` describes, each as its own config.
+
+    ``population.members`` empty: one member, ``cfg`` itself (a lone run). Otherwise
+    each member is ``cfg`` with its ``{key: value}`` entries set; every key must be
+    one of ``VMAPPABLE_KEYS`` (the others change the program, so their points are
+    separate populations) and every member is type- and range-checked like a config
+    of its own. The returned configs have ``population`` reset to its defaults, so a
+    member's config is exactly that of the same point run alone.
+
+    Returns:
+      ``[(values, member_cfg)]``: the member's own values as given, and its config.
+
+    Raises:
+      ConfigError: naming the member, the key and the fix.
+    """
+    members = OmegaConf.to_container(cfg.population.members, resolve=True) or [{}]
+    base = cfg.copy()
+    with open_dict(base):
+        base.population = OmegaConf.structured(PopulationConfig)
+    out = []
+    for index, values in enumerate(members):
+        if not isinstance(values, dict):
+            raise ConfigError(f"population.members[{index}]={values!r}: each member is a "
+                              "mapping of config keys to values, e.g. {seed: 0}")
+        member = base.copy()
+        for key, value in values.items():
+            if key not in VMAPPABLE_KEYS:
+                hint = (f"; {key!r} changes the compiled program, so points that differ in "
+                        "it are separate populations (a multirun groups them for you)"
+                        if _is_schema_key(key) else _suggest(key, VMAPPABLE_KEYS))
+                raise ConfigError(f"population.members[{index}]: {key!r} cannot differ "
+                                  f"between members (allowed: {', '.join(VMAPPABLE_KEYS)})"
+                                  f"{hint}")
+            _check_type(f"population.members[{index}].{key}", value, _resolve_key(key))
+            OmegaConf.update(member, key, value, merge=False)
+        try:
+            validate(member)
+        except ConfigError as err:
+            raise ConfigError(f"population.members[{index}]: {err}") from None
+        out.append((values, member))
+    return out
+
+
+def _is_schema_key(key: str) -> bool:
+    try:
+        _resolve_key(key)
+    except ConfigError:
+        return False
+    return True

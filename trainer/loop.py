@@ -1,10 +1,14 @@
-"""The training loop: ``train_and_evaluate(cfg, dataset, tracker)``.
+"""The training loop: ``train_population(members, datasets, trackers)``.
 
-Runs the compiled chunks of steps, brings metrics to the host once per chunk,
-hands them to the tracker in batches, times every phase with
-``jax.block_until_ready`` (case C10), evaluates on the test split beside a
-linear baseline and saves the final params. It knows no Hydra and no MLflow: the
-tracker is any object with the methods of ``tracking.MlflowTracker``.
+A run is a population of one: ``train_and_evaluate(cfg, dataset, tracker)`` is
+``train_population`` with one member. The loop builds the initial state of every
+member (``build_run``), runs the compiled chunks of steps (``run_chunks``, which
+yields host copies of each chunk's metrics) and between chunks calls plain
+callables: the per-member record, the progress bar, the gradient checks. After
+the last chunk every member is evaluated on its test split beside a linear
+baseline and its final params saved. Every phase is timed with
+``jax.block_until_ready`` (case C10). It knows no Hydra and no MLflow: a tracker
+is any object with the methods of ``tracking.MlflowTracker``, one per member.
 """
 
 from __future__ import annotations
@@ -12,22 +16,26 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from . import measure, report
+from .checks import GradcheckFailedError, Gradchecker, check_worked_examples
 from .data import Dataset
-from .models import ModelSpec, count_params, init_model
-from .optim import make_optimizer, make_schedule
-from .steps import (DeviceData, check_scalar_loss, init_train_state, loss_for_task,
+from .evaluate import evaluate_test, linear_baseline
+from .measure import CountingCompiler, chunk_timings
+from .models import ModelSpec, count_params
+from .optim import Optimizer, hyperparams, make_optimizer
+from .population import MemberLayout, init_params, member_layout, pad_members
+from .steps import (DeviceData, TrainState, check_scalar_loss, init_train_state, loss_for_task,
                     make_predict, make_train_chunk, make_train_step)
 
 __all__ = ["NonFiniteLossError", "GradcheckFailedError", "RunResult", "CountingCompiler",
-           "train_and_evaluate", "check_worked_examples", "chunk_points", "chunk_timings", "gradcheck_steps",
+           "Run", "Chunk", "build_run", "run_chunks", "train_population", "train_and_evaluate",
+           "check_worked_examples", "chunk_points", "chunk_timings", "gradcheck_steps",
            "evaluate_test", "SHUFFLE_STREAM", "GRADCHECK_STREAM"]
 
 SHUFFLE_STREAM = 7919  # fold_in(key(seed), SHUFFLE_STREAM) is the shuffling key
@@ -45,89 +53,268 @@ class NonFiniteLossError(RuntimeError):
             f"optim.learning_rate (e.g. {learning_rate / 10:g}) or set optim.clip_norm")
 
 
-class GradcheckFailedError(RuntimeError):
-    """A gradient check failed where failing ends the run: in training with
-    ``gradcheck.fail_run`` (``step`` is where), or a worked example (``step`` None)."""
+def chunk_points(metrics, member: int = 0, *, log_every_steps: int,
+                 stop_before: int | None = None) -> list[tuple[str, float, int]]:
+    """Turn one chunk's host metrics into ``(name, value, step)`` points of one member.
 
-    def __init__(self, step: int | None, failures: list[str]):
-        self.step = step
-        where = "" if step is None else f" at step {step}"
-        super().__init__(f"gradient check failed{where}: {'; '.join(failures)}")
+    Train metrics are kept at the steps ``s`` with ``s % log_every_steps == 0`` where
+    the member was active; ``val_loss`` wherever it was evaluated. Values are Python
+    floats and steps Python ints (case C08). With ``stop_before``, steps from there on
+    are left out.
+
+    Args:
+      metrics: ``(step_metrics, eval_metrics)`` as returned by the chunk (see
+        ``steps.make_train_chunk``), as NumPy arrays with a member axis last.
+      member: the member's index.
+    """
+    step_metrics, eval_metrics = metrics
+    steps = step_metrics["step"]
+    keep = step_metrics["active"][:, member].astype(bool) & (steps % log_every_steps == 0)
+    if stop_before is not None:
+        keep &= steps < stop_before
+    points = []
+    for i in np.flatnonzero(keep):
+        step = int(steps[i])
+        for name in ("train_loss", "grad_norm", "learning_rate"):
+            points.append((name, float(step_metrics[name][i, member]), step))
+    for i in np.flatnonzero(eval_metrics["evaluated"]):
+        step = int(eval_metrics["val_step"][i])
+        if stop_before is None or step < stop_before:
+            points.append(("val_loss", float(eval_metrics["val_loss"][i, member]), step))
+    return points
 
 
-class CountingCompiler:
-    """Ahead-of-time compilation of one function, counting its compilations.
-
-    ``jax.jit`` compiles again, silently, whenever an argument's shape or dtype
-    changes; here each call's abstract signature is compared with the compiled
-    one, and a change compiles again and is recorded with the arguments that
-    changed, so a run can report it. Every timed phase ends on the host after the
-    work is done (tracing, lowering and XLA compilation are synchronous).
+@dataclass
+class Run:
+    """Everything fixed for one population's training, built by ``build_run``.
 
     Attributes:
-      num_compiles: compilations so far (1 in a healthy run).
-      recompiles: one line per compilation after the first, naming each argument
-        whose shape or dtype changed (``measure.signature_changes``).
-      trace_lower_s: seconds spent tracing to a jaxpr and lowering to StableHLO.
-      compile_s: seconds spent in XLA compilation.
-      compiled: the latest ``jax.stages.Compiled``.
+      members: each member's config (``config.Config``); structural values (model,
+        data, optimizer kind, step counts) are those of ``members[0]``, shared by all.
+      datasets: each member's split data.
+      layout: the member axis on the devices (``population.MemberLayout``).
+      graphdef, optimizer, loss_fn: the model's static structure, the optimizer with
+        per-member values, the loss.
+      state: the initial ``TrainState`` (``layout.size`` members), on the devices.
+      data: the members' rows (``DeviceData``), on the devices.
+      chunk_fn: the compiled chunk of ``steps_per_call`` steps.
+      chunk_ends: the step count at the end of each chunk.
+      batch_size: rows per step (``data.batch_size``, clamped to the training rows).
+      compute: XLA's figures for one step (``measure.step_analysis``); analysis_s:
+        seconds to compile that step for them.
     """
 
-    def __init__(self, fn: Callable):
-        self._jitted = jax.jit(fn)
-        self._signature: dict | None = None
-        self.compiled = None
-        self.num_compiles = 0
-        self.recompiles: list[str] = []
-        self.trace_lower_s = 0.0
-        self.compile_s = 0.0
+    members: list
+    datasets: list[Dataset]
+    layout: MemberLayout
+    graphdef: Any
+    optimizer: Optimizer
+    loss_fn: Callable
+    state: TrainState
+    data: DeviceData
+    train_step: Callable
+    chunk_fn: CountingCompiler
+    chunk_ends: list[int]
+    batch_size: int
+    num_params: int
+    compute: dict[str, float]
+    analysis_s: float
 
-    def compile(self, *args):
-        """Trace, lower and compile for ``args``' shapes and dtypes; returns the executable."""
-        signature = measure.abstract_signature(args)
-        if self._signature is not None:
-            self.recompiles.append("; ".join(
-                measure.signature_changes(self._signature, signature)))
-        t0 = time.perf_counter()
-        lowered = self._jitted.trace(*args).lower()
-        t1 = time.perf_counter()
-        self.compiled = lowered.compile()
-        self.trace_lower_s += t1 - t0
-        self.compile_s += time.perf_counter() - t1
-        self.num_compiles += 1
-        self._signature = signature
-        return self.compiled
+    @property
+    def cfg(self):
+        return self.members[0]
 
-    def __call__(self, *args):
-        if measure.abstract_signature(args) != self._signature:
-            self.compile(*args)
-        return self.compiled(*args)
+    @property
+    def num_steps(self) -> int:
+        return self.cfg.trainer.num_steps
+
+
+def _stack(rows: list) -> Any:
+    return jax.tree.map(lambda *xs: np.stack(xs), *rows)
+
+
+def build_run(members: list, datasets: list[Dataset], *, loss_fn: Callable | None = None
+              ) -> Run:
+    """Set up a population: models, optimizer, initial state and data on the devices,
+    and the chunk compiled once for every member (case C17).
+
+    Args:
+      members: one ``config.Config`` per member; they may differ only in
+        ``config.VMAPPABLE_KEYS``.
+      datasets: each member's split (``data.load_dataset(cfg.data, seed=cfg.seed)``).
+      loss_fn: ``(outputs, targets) -> ()``; default MSE or cross-entropy by task.
+
+    Raises:
+      ValueError: the loss is not a scalar (case C13).
+    """
+    cfg, dataset = members[0], datasets[0]
+    layout = member_layout(len(members))
+    padded = pad_members(list(members), layout.size)
+    padded_data = pad_members(list(datasets), layout.size)
+    spec = ModelSpec(kind=cfg.model.kind, in_features=dataset.in_features,
+                     out_features=dataset.out_features, width=cfg.model.width,
+                     hidden=tuple(cfg.model.hidden), tied_hidden=cfg.model.tied_hidden,
+                     init=cfg.model.init, init_scale=cfg.model.init_scale)
+    graphdef, params = init_params(spec, [m.seed for m in padded],
+                                   [m.model.init_scale for m in padded])
+    loss_fn = loss_fn or loss_for_task(dataset.task)
+    num_steps = cfg.trainer.num_steps
+    optimizer = make_optimizer(cfg.optim, num_steps,
+                               clip=any(m.optim.clip_norm is not None for m in members))
+    values = _stack([hyperparams(m.optim, optimizer.names) for m in padded])
+    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), SHUFFLE_STREAM))(
+        jnp.asarray([m.seed for m in padded], jnp.uint32))
+    active = np.arange(layout.size) < len(members)
+    batch_size = min(cfg.data.batch_size, dataset.x_train.shape[0])
+    one = jax.tree.map(lambda a: a[0], params)
+    check_scalar_loss(loss_fn, graphdef, one, dataset.x_train[:batch_size],
+                      dataset.y_train[:batch_size])
+    state = layout.put(init_train_state(params, optimizer, values, key=keys, active=active))
+    data = layout.put(DeviceData(*(np.stack([getattr(d, name) for d in padded_data])
+                                   for name in ("x_train", "y_train", "x_val", "y_val"))))
+    steps_per_call = min(cfg.trainer.steps_per_call, num_steps)
+    train_step = make_train_step(graphdef, optimizer, loss_fn,
+                                 skip_nonfinite=cfg.trainer.on_nonfinite == "skip")
+    chunk = make_train_chunk(train_step, graphdef, loss_fn, num_steps=num_steps,
+                             steps_per_call=steps_per_call, batch_size=batch_size,
+                             eval_every_steps=cfg.trainer.eval_every_steps,
+                             log_every_steps=cfg.trainer.log_every_steps)
+    chunk_fn = CountingCompiler(chunk)
+    chunk_fn.compile(state, data)
+    t0 = time.perf_counter()
+    batch = (data.x_train[:, :batch_size], data.y_train[:, :batch_size])
+    compute = measure.step_analysis(jax.jit(train_step).lower(state, batch).compile())
+    analysis_s = time.perf_counter() - t0
+    num_chunks = -(-num_steps // steps_per_call)
+    chunk_ends = [min((c + 1) * steps_per_call, num_steps) for c in range(num_chunks)]
+    return Run(members=list(members), datasets=list(datasets), layout=layout,
+               graphdef=graphdef, optimizer=optimizer, loss_fn=loss_fn, state=state, data=data,
+               train_step=train_step, chunk_fn=chunk_fn, chunk_ends=chunk_ends,
+               batch_size=batch_size, num_params=count_params(one), compute=compute,
+               analysis_s=analysis_s)
+
+
+@dataclass
+class Chunk:
+    """One finished chunk, as ``run_chunks`` yields it.
+
+    Attributes:
+      index: 0, 1, ...; end: the step count after it; steps: steps it ran.
+      metrics: host copies of its ``(step_metrics, eval_metrics)``, member axis last.
+      nonfinite_step: ``(M,)`` each member's first non-finite step, or -1.
+      active: ``(M,)`` the members still training after it.
+      state: the device state after it (not donated: a check may read it).
+      interval_s: seconds from the previous chunk's results to this one's.
+    """
+
+    index: int
+    end: int
+    steps: int
+    metrics: Any
+    nonfinite_step: np.ndarray
+    active: np.ndarray
+    state: TrainState
+    interval_s: float
+
+
+def run_chunks(run: Run, done_at: list[float]) -> Iterator[Chunk]:
+    """Run the compiled chunks, yielding each one's host metrics; stops early when no
+    member is active any more.
+
+    Pipelined: chunk c+1 is queued on the device before the host fetches chunk c, so
+    host work (metrics, MLflow) overlaps device work. ``done_at[c]`` is when chunk c's
+    results reached the host (``device_get`` blocks until they are ready); the entry
+    at index -1 is the dispatch time of the first chunk, and after the last chunk the
+    last entry is replaced by the time after ``jax.block_until_ready`` on the state.
+    """
+    state, ends = run.state, run.chunk_ends
+    done_at.append(time.perf_counter())
+    pending = run.chunk_fn(state, run.data)
+    for c, end in enumerate(ends):
+        state, metrics = pending
+        if c + 1 < len(ends):
+            pending = run.chunk_fn(state, run.data)
+        # one device-to-host transfer per chunk: metrics and the non-finite record
+        metrics, first_bad, active = jax.device_get(
+            (metrics, state.nonfinite_step, state.active))
+        done_at.append(time.perf_counter())
+        start = ends[c - 1] if c else 0
+        chunk = Chunk(c, end, end - start, metrics, first_bad, active, state,
+                      done_at[-1] - done_at[-2])
+        last = c + 1 == len(ends) or not active[:run.layout.num_members].any()
+        if last:
+            jax.block_until_ready(state)
+            done_at[-1] = time.perf_counter()
+        yield chunk
+        if last:
+            return
+
+
+class MemberRecord:
+    """What one member's run records between chunks: its curve points (through its
+    tracker, in batches), a host copy of them, and where it stopped.
+
+    Attributes:
+      history: ``{name: (steps, values)}`` as logged.
+      failed_step: with ``on_nonfinite="stop"``, the member's first non-finite step.
+    """
+
+    def __init__(self, index: int, tracker, *, log_every_steps: int, stop_on_nonfinite: bool):
+        self.index, self.tracker = index, tracker
+        self._every, self._stop = log_every_steps, stop_on_nonfinite
+        self.history: dict[str, tuple[list[int], list[float]]] = {}
+        self.failed_step: int | None = None
+
+    def __call__(self, chunk: Chunk) -> None:
+        if self.failed_step is not None:
+            return
+        first_bad = int(chunk.nonfinite_step[self.index])
+        stop_before = first_bad if first_bad >= 0 and self._stop else None
+        points = chunk_points(chunk.metrics, self.index, log_every_steps=self._every,
+                              stop_before=stop_before)
+        self.tracker.log_metrics(points)
+        for name, value, step in points:
+            steps, values = self.history.setdefault(name, ([], []))
+            steps.append(step)
+            values.append(value)
+        if stop_before is not None:
+            self.failed_step = stop_before
+            self.tracker.set_tags({"diverged_at_step": str(stop_before)})
+
+
+def _member(tree, m: int):
+    return jax.tree.map(lambda a: a[m], tree)
 
 
 @dataclass
 class RunResult:
-    """What a finished run measured.
+    """What a finished member run measured.
 
     Attributes:
-      test_metrics: the net's test metrics, in the target's original units.
+      test_metrics: the net's test metrics, in the target's original units (empty
+        for a member that stopped at a non-finite step).
       baseline_metrics: the same metrics of the linear baseline on the same split.
-      timings: seconds unless named ``*_per_s``: ``trace_lower_s`` and
-        ``compile_s`` (the chunk's tracing + lowering, and XLA compilation),
-        ``analysis_s`` (compiling one step alone for its cost and memory figures),
-        those of ``chunk_timings``, ``samples_per_s``, ``gradcheck_s`` (all
-        gradient checks), ``log_s`` (time the calling thread spent in MLflow calls,
-        apart from the step figures) and ``wall_s`` (the whole function).
-      compute: ``num_compiles`` of the chunk (1 expected), ``flops_per_step`` (XLA
-        cost analysis of one compiled step), ``flops_per_s`` (achieved: FLOPs per
-        step x steady-state steps/s), ``argument_bytes``, ``output_bytes``,
-        ``temp_bytes`` (XLA memory analysis of one step; temp bytes hold what the
-        backward pass keeps) and, on GPU, ``peak_bytes`` (device allocator peak).
-      gradcheck: the gradient-check reports as ``[(step, report)]``;
+      timings: the population's (one program trains every member), seconds unless
+        named ``*_per_s``: ``trace_lower_s`` and ``compile_s`` (the chunk's tracing +
+        lowering, and XLA compilation), ``analysis_s`` (compiling one step alone for
+        its cost and memory figures), those of ``measure.chunk_timings``,
+        ``samples_per_s`` (rows per second of this member), ``gradcheck_s`` (all
+        gradient checks of all members), ``log_s`` (time the calling thread spent in
+        this member's MLflow calls, apart from the step figures) and ``wall_s`` (the
+        whole function).
+      compute: ``num_compiles`` of the chunk (1 expected, for the whole population),
+        ``flops_per_step`` (XLA cost analysis of one compiled step of the population),
+        ``flops_per_s``, ``argument_bytes``, ``output_bytes``, ``temp_bytes`` (XLA
+        memory analysis of one step) and, on GPU, ``peak_bytes``; ``members`` and
+        ``devices``: the population's size and the devices it was sharded over.
+      gradcheck: the member's gradient-check reports as ``[(step, report)]``;
         ``gradcheck_passed`` is False if any failed (None when none ran).
-      num_params: trainable scalars (a shared matrix counts once).
-      num_steps: steps run; nonfinite_steps: steps whose update was dropped.
+      num_params: trainable scalars of one member (a shared matrix counts once).
+      num_steps: steps run; nonfinite_steps: the member's steps whose update was dropped.
+      failed_step: the member's first non-finite step when it stopped there
+        (``trainer.on_nonfinite=stop``), else None.
       history: host copies of the logged curves, ``{name: (steps, values)}``.
-      params: the final params (a host pytree).
+      params: the member's final params (a host pytree).
       device: ``"backend (device kind)"``.
     """
 
@@ -143,117 +330,219 @@ class RunResult:
     compute: dict[str, float] = field(default_factory=dict)
     gradcheck: list = field(default_factory=list)
     gradcheck_passed: bool | None = None
+    failed_step: int | None = None
 
 
-def chunk_points(metrics, *, log_every_steps: int,
-                 stop_before: int | None = None) -> list[tuple[str, float, int]]:
-    """Turn one chunk's host metrics into ``(name, value, step)`` points.
-
-    Train metrics are kept at the steps ``s`` with ``s % log_every_steps == 0``;
-    ``val_loss`` wherever it was evaluated. Values are Python floats and steps
-    Python ints (case C08). With ``stop_before``, steps from there on are left out.
+def train_population(members: list, datasets: list[Dataset], trackers: list, *,
+                     console=None, loss_fn: Callable | None = None,
+                     workdir: Path | None = None) -> list[RunResult]:
+    """Train every member as one compiled program and record each with its tracker.
 
     Args:
-      metrics: ``(step_metrics, eval_metrics)`` as returned by the chunk (see
-        ``steps.make_train_chunk``), as NumPy arrays.
-    """
-    step_metrics, eval_metrics = metrics
-    steps = step_metrics["step"]
-    keep = step_metrics["active"].astype(bool) & (steps % log_every_steps == 0)
-    if stop_before is not None:
-        keep &= steps < stop_before
-    points = []
-    for i in np.flatnonzero(keep):
-        step = int(steps[i])
-        for name in ("train_loss", "grad_norm", "learning_rate"):
-            points.append((name, float(step_metrics[name][i]), step))
-    for i in np.flatnonzero(eval_metrics["evaluated"]):
-        step = int(eval_metrics["val_step"][i])
-        if stop_before is None or step < stop_before:
-            points.append(("val_loss", float(eval_metrics["val_loss"][i]), step))
-    return points
-
-
-def evaluate_test(dataset: Dataset, outputs: np.ndarray) -> dict[str, float]:
-    """Test metrics of model outputs on ``dataset.x_test``.
-
-    Regression: ``rmse``, ``mae`` (original target units) and ``r2``
-    (coefficient of determination; left out with fewer than two test rows).
-    Classification: ``accuracy`` and ``cross_entropy`` (nats, mean over rows).
-    Formulas follow ``sklearn.metrics``.
-
-    Args:
-      outputs: ``(N_test, T)`` predictions in standardised units (regression) or
-        ``(N_test, C)`` logits (classification).
-    """
-    from sklearn import metrics as skm
-
-    if dataset.task == "regression":
-        pred = dataset.to_original_units(outputs)
-        true = dataset.to_original_units(dataset.y_test)
-        out = {"rmse": float(np.sqrt(skm.mean_squared_error(true, pred))),
-               "mae": float(skm.mean_absolute_error(true, pred))}
-        if len(true) >= 2:
-            out["r2"] = float(skm.r2_score(true, pred))
-        return out
-    from scipy.special import softmax
-
-    return _class_metrics(dataset, softmax(np.asarray(outputs, np.float64), axis=1))
-
-
-def _class_metrics(dataset: Dataset, probs: np.ndarray) -> dict[str, float]:
-    from sklearn import metrics as skm
-
-    labels = list(range(len(dataset.class_names)))
-    return {"accuracy": float(skm.accuracy_score(dataset.y_test, probs.argmax(1))),
-            "cross_entropy": float(skm.log_loss(dataset.y_test, probs, labels=labels))}
-
-
-def linear_baseline(dataset: Dataset) -> dict[str, float]:
-    """The test metrics of a linear model fitted on the same training rows.
-
-    ``sklearn.linear_model.LinearRegression`` for regression,
-    ``LogisticRegression`` (L2, C=1, lbfgs) for classification.
-    """
-    from sklearn.linear_model import LinearRegression, LogisticRegression
-
-    if dataset.task == "regression":
-        model = LinearRegression().fit(dataset.x_train, dataset.y_train)
-        return evaluate_test(dataset, model.predict(dataset.x_test))
-    model = LogisticRegression(max_iter=2000).fit(dataset.x_train, dataset.y_train)
-    # Classes absent from the training rows get probability 0, so columns match labels.
-    probs = np.zeros((len(dataset.x_test), len(dataset.class_names)))
-    probs[:, model.classes_] = model.predict_proba(dataset.x_test)
-    return _class_metrics(dataset, probs / probs.sum(1, keepdims=True))  # float32 -> exact sums
-
-
-def chunk_timings(t_start: float, done_at: list[float], chunk_steps: list[int]
-                  ) -> dict[str, float]:
-    """Step-time figures from the times at which each chunk's results reached the host.
-
-    Args:
-      t_start: ``time.perf_counter()`` just before the first chunk was dispatched
-        (after compilation).
-      done_at: completion time of each chunk, the last one taken after
-        ``jax.block_until_ready`` on the final state (case C10).
-      chunk_steps: the steps each chunk ran (the last one may run fewer).
+      members: one ``config.Config`` per member, differing only in
+        ``config.VMAPPABLE_KEYS``; uses ``model``, ``optim``, ``trainer``,
+        ``data.batch_size``, ``gradcheck`` and ``seed``.
+      datasets: each member's split data (``data.load_dataset``).
+      trackers: one per member; each receives ``set_tags``, ``log_metrics``,
+        ``log_artifact``, ``flush`` (see ``tracking.MlflowTracker``).
+      console: a ``rich.console.Console`` for progress and messages, or None.
+      loss_fn: ``(outputs, targets) -> ()`` loss; default MSE or cross-entropy by task.
+      workdir: folder for artifacts before upload (a temporary folder if None).
 
     Returns:
-      seconds: ``first_call_s`` (first chunk, dispatch to results), ``train_s`` (all
-      chunks), ``step_s`` and ``step_p90_s`` (median and 90th percentile over
-      chunks of interval / steps); and ``steps_per_s`` over the steady state
-      (chunks after the first; the only one when there is one). Intervals are wall time between completions, so they
-      include host work (metrics, MLflow) whenever the device had to wait for it.
+      one ``RunResult`` per member. A member that stopped at a non-finite loss
+      (``trainer.on_nonfinite=stop``, case C07) has ``failed_step`` set, its points
+      before that step logged, and no test metrics; the others trained on.
+
+    Raises:
+      GradcheckFailedError: a check failed with ``gradcheck.fail_run``.
+      ValueError: the loss is not a scalar (case C13).
     """
-    intervals = np.diff([t_start, *done_at])
-    if len(done_at) > 1:
-        steady_steps, steady_s = sum(chunk_steps[1:]), done_at[-1] - done_at[0]
-    else:
-        steady_steps, steady_s = chunk_steps[0], done_at[0] - t_start
-    per_step = intervals / np.asarray(chunk_steps)
-    return {"first_call_s": float(intervals[0]), "train_s": done_at[-1] - t_start,
-            "step_s": float(np.median(per_step)), "step_p90_s": float(np.quantile(per_step, 0.9)),
-            "steps_per_s": steady_steps / steady_s}
+    wall_start = time.perf_counter()
+    cfg, tcfg = members[0], members[0].trainer
+    device = jax.devices()[0]
+    device_name = f"{jax.default_backend()} ({device.device_kind})"
+    run = build_run(members, datasets, loss_fn=loss_fn)
+    checks = [Gradchecker(m.gradcheck, run.graphdef, run.loss_fn, d, t, console,
+                          key=jax.random.fold_in(jax.random.key(m.seed), GRADCHECK_STREAM))
+              for m, d, t in zip(members, datasets, trackers)]
+    _tag_start(run, trackers, console, device_name)
+    # Where failing stops the run, the step-0 checks run now, before any step; else after
+    # training, beside those of the last step, so the checks' one-off float64 compilation
+    # never sits between the compile and the timed steps.
+    check_first_now = cfg.gradcheck.every_steps != 0 and cfg.gradcheck.fail_run
+    if check_first_now:
+        for m, check in enumerate(checks):
+            check(_member(run.state.params, m), step=0)
+    check_after = gradcheck_steps(cfg.gradcheck.every_steps, run.chunk_ends)
+    records = [MemberRecord(m, t, log_every_steps=tcfg.log_every_steps,
+                            stop_on_nonfinite=tcfg.on_nonfinite == "stop")
+               for m, t in enumerate(trackers)]
+    done_at: list[float] = []
+    chunk = None
+    with report.progress_bar(console, run.num_steps, enabled=tcfg.progress) as progress:
+        for chunk in run_chunks(run, done_at):
+            for record in records:
+                record(chunk)
+            if chunk.index == 0:
+                _print_step0(console, chunk.metrics, len(members))
+            progress(chunk.end, _best_loss(records), chunk.steps / chunk.interval_s)
+            if chunk.end in check_after and chunk.end < run.num_steps:
+                for m, check in enumerate(checks):
+                    if records[m].failed_step is None:
+                        check(_member(chunk.state.params, m), step=chunk.end)
+    late = [] if check_first_now or cfg.gradcheck.every_steps == 0 else [(run.state, 0)]
+    if run.num_steps in check_after and chunk.end == run.num_steps:
+        late.append((chunk.state, run.num_steps))
+    return _finish(run, chunk.state, records, checks, late, done_at, trackers,
+                   workdir=workdir, device_name=device_name, wall_start=wall_start,
+                   console=console)
+
+
+def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
+                       loss_fn: Callable | None = None, workdir: Path | None = None) -> RunResult:
+    """Train one configured model on ``dataset``: a population of one.
+
+    Args and the record as in ``train_population``, with one config, dataset and
+    tracker.
+
+    Raises:
+      NonFiniteLossError: a NaN or infinite loss with ``trainer.on_nonfinite=stop``
+        (case C07); the points before it are logged first.
+      GradcheckFailedError, ValueError: as ``train_population``.
+    """
+    (result,) = train_population([cfg], [dataset], [tracker], console=console,
+                                 loss_fn=loss_fn, workdir=workdir)
+    if result.failed_step is not None:
+        raise NonFiniteLossError(result.failed_step,
+                                 learning_rate_at(cfg, result.failed_step))
+    return result
+
+
+def learning_rate_at(cfg, step: int) -> float:
+    """The learning rate ``cfg``'s schedule applies at ``step``."""
+    from .optim import make_schedule
+
+    schedule = make_schedule(cfg.optim, cfg.trainer.num_steps)
+    return float(schedule(cfg.optim.learning_rate, cfg.optim.final_lr_fraction)(step))
+
+
+def _tag_start(run: Run, trackers: list, console, device_name: str) -> None:
+    device = run.layout.mesh.devices.flat[0]
+    tags = {"jax.backend": jax.default_backend(), "jax.device_kind": device.device_kind,
+            "jax.device_count": str(jax.device_count()),
+            "population.devices": str(run.layout.num_devices)}
+    n_train = run.datasets[0].x_train.shape[0]
+    clamped = run.batch_size < run.cfg.data.batch_size
+    if clamped:
+        tags["batch_size_clamped"] = f"{run.cfg.data.batch_size} -> {run.batch_size}"
+    for tracker in trackers:
+        tracker.set_tags(tags)
+        tracker.log_metrics([("num_params", run.num_params, 0),
+                             ("batch_size", run.batch_size, 0)])
+    if console is not None:
+        members = len(run.members)
+        shape = "" if members == 1 else (f" | {members} members on {run.layout.num_devices} "
+                                         f"device(s), one program")
+        console.print(f"device: {device_name}{shape}")
+        if clamped:
+            console.print(f"data.batch_size={run.cfg.data.batch_size} is more than the "
+                          f"{n_train} training rows: each step uses all {n_train}")
+
+
+def _print_step0(console, metrics, members: int) -> None:
+    if console is None:
+        return
+    step_metrics = metrics[0]
+    who = "" if members == 1 else "member 0: "
+    console.print(f"step 0: {who}loss {float(step_metrics['train_loss'][0, 0]):.8g}, "
+                  f"gradient norm {float(step_metrics['grad_norm'][0, 0]):.8g}")
+
+
+def _best_loss(records: list[MemberRecord]) -> float:
+    last = [r.history["train_loss"][1][-1] for r in records
+            if r.failed_step is None and r.history.get("train_loss")]
+    return min(last) if last else float("nan")
+
+
+def _finish(run: Run, state: TrainState, records: list[MemberRecord], checks: list,
+            late: list, done_at: list[float], trackers: list, *, workdir, device_name: str,
+            wall_start: float, console) -> list[RunResult]:
+    """After the last chunk: test metrics, baselines, plots, params, late checks, timings."""
+    members, num_steps = run.members, run.num_steps
+    first_bad, nonfinite = (np.asarray(v) for v in jax.device_get(
+        (state.nonfinite_step, state.nonfinite_count)))
+    predict = jax.jit(make_predict(run.graphdef))
+    x_test = run.layout.put(np.stack(pad_members([d.x_test for d in run.datasets],
+                                                 run.layout.size)))
+    outputs = np.asarray(jax.device_get(predict(state.params, x_test)))
+    host_params = jax.device_get(state.params)
+    baselines: dict[int, dict[str, float]] = {}  # one fit per distinct split
+    chunk_steps = np.diff([0, *run.chunk_ends[:len(done_at) - 1]]).tolist()
+    timings = {"trace_lower_s": run.chunk_fn.trace_lower_s, "compile_s": run.chunk_fn.compile_s,
+               "analysis_s": run.analysis_s, **chunk_timings(done_at[0], done_at[1:],
+                                                             chunk_steps)}
+    timings["samples_per_s"] = timings["steps_per_s"] * run.batch_size
+    compute = dict(run.compute, num_compiles=run.chunk_fn.num_compiles,
+                   members=len(members), devices=run.layout.num_devices)
+    if "flops_per_step" in compute:
+        compute["flops_per_s"] = compute["flops_per_step"] * timings["steps_per_s"]
+    peak = measure.device_peak_bytes(jax.devices()[0])
+    if peak is not None:
+        compute["peak_bytes"] = peak
+    if run.chunk_fn.recompiles:
+        for tracker in trackers:
+            tracker.set_tags({"recompiled": " | ".join(run.chunk_fn.recompiles)})
+        if console is not None:
+            console.print(f"[yellow]the train step compiled {run.chunk_fn.num_compiles} times; "
+                          f"arguments that changed: {' | '.join(run.chunk_fn.recompiles)}[/]")
+    results, finals = [], []
+    with report.workdir(workdir) as root:
+        for m, (cfg, dataset, record, check, tracker) in enumerate(
+                zip(members, run.datasets, records, checks, trackers)):
+            folder = root if len(members) == 1 else root / f"member-{m}"
+            folder.mkdir(parents=True, exist_ok=True)
+            if first_bad[m] >= 0:
+                tracker.set_tags({"first_nonfinite_step": str(int(first_bad[m])),
+                                  "nonfinite_steps": str(int(nonfinite[m]))})
+            params = _member(host_params, m)
+            test, final = {}, []
+            if record.failed_step is None:
+                test = evaluate_test(dataset, outputs[m])
+                if cfg.seed not in baselines:
+                    baselines[cfg.seed] = linear_baseline(dataset)
+                final = [(f"test_{k}", v, num_steps) for k, v in test.items()]
+                final += [(f"baseline_test_{k}", v, num_steps)
+                          for k, v in baselines[cfg.seed].items()]
+            final.append(("nonfinite_steps", int(nonfinite[m]), num_steps))
+            tracker.log_artifact(report.plot_training(
+                record.history, folder / "training_curves.png",
+                title=f"{dataset.name}: {cfg.model.kind}"))
+            if record.failed_step is None:
+                tracker.log_artifact(report.save_params(params, folder / "final_params"),
+                                     "final_params")
+            try:
+                for state_at, step in late:
+                    if record.failed_step is None:
+                        check(_member(state_at.params, m), step=step)
+            finally:  # a failed check (fail_run) keeps its report
+                check.log_artifacts(folder)
+            results.append(RunResult(
+                test_metrics=test, baseline_metrics=baselines.get(cfg.seed, {}),
+                timings=dict(timings), num_params=run.num_params, num_steps=num_steps,
+                nonfinite_steps=int(nonfinite[m]), history=record.history, params=params,
+                device=device_name, compute=compute, gradcheck=check.reports,
+                gradcheck_passed=check.passed, failed_step=record.failed_step))
+            finals.append(final)
+    gradcheck_s = sum(c.wall_s for c in checks)
+    for tracker, result, final in zip(trackers, results, finals):
+        tracker.flush()  # every training point written before the timings are taken
+        result.timings.update(gradcheck_s=gradcheck_s, log_s=tracker.log_s,
+                              wall_s=time.perf_counter() - wall_start)
+        tracker.log_metrics(final + [(name, value, num_steps) for name, value in
+                                     (*result.timings.items(), *compute.items())])
+        tracker.flush()
+    return results
 
 
 def gradcheck_steps(every_steps: int | None, chunk_ends: list[int]) -> set[int]:
@@ -276,301 +565,3 @@ def gradcheck_steps(every_steps: int | None, chunk_ends: list[int]) -> set[int]:
     return out
 
 
-def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
-                       loss_fn: Callable | None = None, workdir: Path | None = None) -> RunResult:
-    """Train the configured model on ``dataset`` and record everything with ``tracker``.
-
-    Args:
-      cfg: a ``config.Config`` (dataclasses): uses ``model``, ``optim``, ``trainer``,
-        ``data.batch_size`` and ``seed``.
-      dataset: the split data (``data.load_dataset``).
-      tracker: receives ``set_tags``, ``log_metrics``, ``log_artifact``; see
-        ``tracking.MlflowTracker``.
-      console: a ``rich.console.Console`` for progress and messages, or None.
-      loss_fn: ``(outputs, targets) -> ()`` loss; default MSE or cross-entropy by task.
-      workdir: folder for artifacts before upload (a temporary folder if None).
-
-    Returns:
-      a ``RunResult``.
-
-    Raises:
-      NonFiniteLossError: a NaN or infinite loss with ``trainer.on_nonfinite=stop``
-        (case C07); the points before it are logged first.
-      ValueError: the loss is not a scalar (case C13).
-    """
-    wall_start = time.perf_counter()
-    tcfg = cfg.trainer
-    num_steps = tcfg.num_steps
-    device = jax.devices()[0]
-    device_name = f"{jax.default_backend()} ({device.device_kind})"
-    tracker.set_tags({"jax.backend": jax.default_backend(), "jax.device_kind": device.device_kind,
-                      "jax.device_count": str(jax.device_count())})
-    if console is not None:
-        console.print(f"device: {device_name}")
-
-    root = jax.random.key(cfg.seed)
-    spec = ModelSpec(kind=cfg.model.kind, in_features=dataset.in_features,
-                     out_features=dataset.out_features, width=cfg.model.width,
-                     hidden=tuple(cfg.model.hidden), tied_hidden=cfg.model.tied_hidden,
-                     init=cfg.model.init, init_scale=cfg.model.init_scale)
-    model = init_model(spec, key=root)
-    graphdef, params = nnx.split(model, nnx.Param)
-    num_params = count_params(params)
-    loss_fn = loss_fn or loss_for_task(dataset.task)
-    gradchecker = _Gradchecker(cfg.gradcheck, graphdef, loss_fn, dataset, tracker, console,
-                               key=jax.random.fold_in(root, GRADCHECK_STREAM))
-    # Where failing stops the run, the step-0 check runs now, before any step; else
-    # after training, beside the check of the last step, so the checks' one-off float64
-    # compilation never sits between the compile and the timed steps.
-    initial_params = params
-    check_first_now = cfg.gradcheck.every_steps != 0 and cfg.gradcheck.fail_run
-    if check_first_now:
-        gradchecker(params, step=0)
-    schedule = make_schedule(cfg.optim, num_steps)
-    optimizer = make_optimizer(cfg.optim, schedule)
-
-    n_train = dataset.x_train.shape[0]
-    batch_size = min(cfg.data.batch_size, n_train)
-    if batch_size < cfg.data.batch_size:
-        tracker.set_tags({"batch_size_clamped": f"{cfg.data.batch_size} -> {batch_size}"})
-        if console is not None:
-            console.print(f"data.batch_size={cfg.data.batch_size} is more than the {n_train} "
-                          f"training rows: each step uses all {n_train}")
-    steps_per_call = min(tcfg.steps_per_call, num_steps)
-    check_scalar_loss(loss_fn, graphdef, params, dataset.x_train[:batch_size],
-                      dataset.y_train[:batch_size])
-    data = jax.device_put(DeviceData(dataset.x_train, dataset.y_train, dataset.x_val,
-                                     dataset.y_val))
-    state = init_train_state(params, optimizer,
-                             key=jax.random.fold_in(root, SHUFFLE_STREAM))
-    train_step = make_train_step(graphdef, optimizer, loss_fn, schedule,
-                                 skip_nonfinite=tcfg.on_nonfinite == "skip")
-    train_chunk = make_train_chunk(train_step, graphdef, loss_fn, num_steps=num_steps,
-                                   steps_per_call=steps_per_call, batch_size=batch_size,
-                                   eval_every_steps=tcfg.eval_every_steps,
-                                   log_every_steps=tcfg.log_every_steps)
-    tracker.log_metrics([("num_params", num_params, 0), ("batch_size", batch_size, 0)])
-
-    chunk_fn = CountingCompiler(train_chunk)
-    chunk_fn.compile(state, data)
-    t0 = time.perf_counter()
-    batch = (data.x_train[:batch_size], data.y_train[:batch_size])
-    compute = _step_analysis(jax.jit(train_step).lower(state, batch).compile())
-    analysis_s = time.perf_counter() - t0
-
-    num_chunks = -(-num_steps // steps_per_call)
-    chunk_ends = [min((c + 1) * steps_per_call, num_steps) for c in range(num_chunks)]
-    check_after = gradcheck_steps(cfg.gradcheck.every_steps, chunk_ends)
-    history: dict[str, tuple[list[int], list[float]]] = {}
-    # Pipelined: chunk c+1 is queued on the device before the host fetches and logs
-    # chunk c, so host work (metrics, MLflow) overlaps device work. done_at[c] is when
-    # chunk c's results reached the host (device_get blocks until they are ready).
-    # Nothing is donated, so a gradient check may read the state of chunk c meanwhile.
-    t_start = time.perf_counter()
-    pending = chunk_fn(state, data)
-    done_at: list[float] = []
-    with report.progress_bar(console, num_steps, enabled=tcfg.progress) as progress:
-        for c in range(num_chunks):
-            state, metrics = pending
-            if c + 1 < num_chunks:
-                pending = chunk_fn(state, data)
-            # one device-to-host transfer per chunk: metrics and the non-finite record
-            metrics, first_bad = jax.device_get((metrics, state.nonfinite_step))
-            done_at.append(time.perf_counter())
-            stop_before = None
-            if first_bad >= 0 and tcfg.on_nonfinite == "stop":
-                stop_before = int(first_bad)
-            points = chunk_points(metrics, log_every_steps=tcfg.log_every_steps,
-                                  stop_before=stop_before)
-            tracker.log_metrics(points)
-            for name, value, step in points:
-                steps_list, values = history.setdefault(name, ([], []))
-                steps_list.append(step)
-                values.append(value)
-            if c == 0 and console is not None:
-                console.print(f"step 0: loss {float(metrics[0]['train_loss'][0]):.8g}, "
-                              f"gradient norm {float(metrics[0]['grad_norm'][0]):.8g}")
-            done = chunk_ends[c] if stop_before is None else stop_before
-            interval = done_at[-1] - (done_at[-2] if c else t_start)
-            last_loss = history.get("train_loss", ([], [float("nan")]))[1][-1]
-            progress(done, last_loss, (done - c * steps_per_call) / interval)
-            if stop_before is not None:
-                tracker.set_tags({"diverged_at_step": str(stop_before)})
-                raise NonFiniteLossError(stop_before, float(schedule(stop_before)))
-            if chunk_ends[c] in check_after and c + 1 < num_chunks:
-                gradchecker(state.params, step=chunk_ends[c])
-    jax.block_until_ready(state)
-    done_at[-1] = time.perf_counter()
-    first_bad, nonfinite_steps = (int(v) for v in jax.device_get(
-        (state.nonfinite_step, state.nonfinite_count)))
-    if first_bad >= 0:
-        tracker.set_tags({"first_nonfinite_step": str(first_bad),
-                          "nonfinite_steps": str(nonfinite_steps)})
-
-    late_checks = [] if check_first_now or cfg.gradcheck.every_steps == 0 else \
-        [(initial_params, 0)]
-    if num_steps in check_after:
-        late_checks.append((state.params, num_steps))
-
-    predict = jax.jit(make_predict(graphdef))
-    outputs = np.asarray(jax.device_get(predict(state.params, jnp.asarray(dataset.x_test))))
-    test_metrics = evaluate_test(dataset, outputs)
-    baseline = linear_baseline(dataset)
-    final = [(f"test_{k}", v, num_steps) for k, v in test_metrics.items()]
-    final += [(f"baseline_test_{k}", v, num_steps) for k, v in baseline.items()]
-    final.append(("nonfinite_steps", nonfinite_steps, num_steps))
-    chunk_steps = np.diff([0, *chunk_ends]).tolist()
-    timings = {"trace_lower_s": chunk_fn.trace_lower_s, "compile_s": chunk_fn.compile_s,
-               "analysis_s": analysis_s, **chunk_timings(t_start, done_at, chunk_steps)}
-    timings["samples_per_s"] = timings["steps_per_s"] * batch_size
-    compute["num_compiles"] = chunk_fn.num_compiles
-    if "flops_per_step" in compute:
-        compute["flops_per_s"] = compute["flops_per_step"] * timings["steps_per_s"]
-    peak = measure.device_peak_bytes(device)
-    if peak is not None:
-        compute["peak_bytes"] = peak
-    if chunk_fn.recompiles:
-        tracker.set_tags({"recompiled": " | ".join(chunk_fn.recompiles)})
-        if console is not None:
-            console.print(f"[yellow]the train step compiled {chunk_fn.num_compiles} times; "
-                          f"arguments that changed: {' | '.join(chunk_fn.recompiles)}[/]")
-    host_params = jax.device_get(state.params)
-    with report.workdir(workdir) as folder:
-        plot = report.plot_training(history, folder / "training_curves.png",
-                                    title=f"{dataset.name}: {cfg.model.kind}")
-        tracker.log_artifact(plot)
-        ckpt = report.save_params(host_params, folder / "final_params")
-        tracker.log_artifact(ckpt, "final_params")
-        try:
-            for params_at, step in late_checks:
-                gradchecker(params_at, step=step)
-        finally:  # a failed check (fail_run) keeps its report
-            gradchecker.log_artifacts(folder)
-    timings["gradcheck_s"] = gradchecker.wall_s
-    tracker.flush()  # every training point written before the timings are taken
-    timings["log_s"] = tracker.log_s
-    timings["wall_s"] = time.perf_counter() - wall_start
-    final += [(name, value, num_steps) for name, value in timings.items()]
-    final += [(name, value, num_steps) for name, value in compute.items()]
-    tracker.log_metrics(final)
-    tracker.flush()
-    return RunResult(test_metrics=test_metrics, baseline_metrics=baseline, timings=timings,
-                     num_params=num_params, num_steps=num_steps, nonfinite_steps=nonfinite_steps,
-                     history=history, params=host_params, device=device_name,
-                     compute=compute, gradcheck=gradchecker.reports,
-                     gradcheck_passed=gradchecker.passed)
-
-
-def _step_analysis(compiled) -> dict[str, float]:
-    """FLOPs and buffer bytes of one compiled train step (see ``RunResult.compute``)."""
-    out: dict[str, float] = {}
-    cost = measure.compiled_cost(compiled)
-    if "flops" in cost:
-        out["flops_per_step"] = cost["flops"]
-    memory = measure.compiled_memory(compiled)
-    for name in ("argument_bytes", "output_bytes", "temp_bytes"):
-        if name in memory:
-            out[name] = memory[name]
-    return out
-
-
-class _Gradchecker:
-    """Runs ``gradcheck.check_gradients`` on a fixed probe batch and records each report.
-
-    Metrics go to the tracker at the step checked; the tag ``gradcheck`` says
-    ``passed`` until a check fails, then ``failed``; a failure prints one line, and
-    raises ``GradcheckFailedError`` when ``fail_run`` is set.
-    """
-
-    def __init__(self, gcfg, graphdef, loss_fn, dataset: Dataset, tracker, console, *,
-                 key: jax.Array):
-        self._gcfg, self._graphdef, self._loss_fn = gcfg, graphdef, loss_fn
-        self._tracker, self._console, self._key = tracker, console, key
-        rows = min(gcfg.probe_batch_size, dataset.x_train.shape[0])
-        self._probe = (np.asarray(dataset.x_train[:rows]), np.asarray(dataset.y_train[:rows]))
-        self.reports: list = []
-        self.passed: bool | None = None
-        self.wall_s = 0.0
-
-    def __call__(self, params, *, step: int) -> None:
-        """Check the gradient at ``params`` and record the report at ``step``."""
-        from . import gradcheck
-
-        g = self._gcfg
-        settings = gradcheck.GradcheckSettings(
-            rel_tol=g.rel_tol, max_elements=g.max_elements, num_directions=g.num_directions,
-            richardson=g.richardson, hvp=g.hvp)
-        t0 = time.perf_counter()
-        result = gradcheck.check_gradients(self._graphdef, params, self._probe, self._loss_fn,
-                                           key=jax.random.fold_in(self._key, step),
-                                           settings=settings)
-        self.wall_s += time.perf_counter() - t0
-        self.record(result, step=step)
-
-    def record(self, result, *, step: int) -> None:
-        """Log ``result`` at ``step``; tag, print or raise on a failure."""
-        self.reports.append((step, result))
-        self.reports.sort(key=lambda item: item[0])
-        self._tracker.log_metrics([(name, value, step)
-                                   for name, value in result.metrics().items()])
-        first_failure = result.passed is False and self.passed is not False
-        self.passed = result.passed if self.passed is None else (self.passed and result.passed)
-        if self.passed or first_failure:
-            self._tracker.set_tags({"gradcheck": "passed" if self.passed else "failed"})
-        if not result.passed:
-            failures = result.failures()
-            if self._gcfg.fail_run:
-                raise GradcheckFailedError(step, failures)
-            if self._console is not None:
-                self._console.print(f"[bold red]gradient check FAILED at step {step}:[/] "
-                                    f"{'; '.join(failures)}")
-
-    def log_artifacts(self, folder: Path) -> None:
-        """The reports as ``gradcheck.json`` and their plot as ``gradcheck.png``."""
-        if not self.reports:
-            return
-        import json
-
-        path = folder / "gradcheck.json"
-        path.write_text(json.dumps([{"step": step, **result.to_dict()}
-                                    for step, result in self.reports], indent=1))
-        self._tracker.log_artifact(path)
-        self._tracker.log_artifact(report.plot_gradcheck(self.reports, folder / "gradcheck.png",
-                                                         rel_tol=self._gcfg.rel_tol))
-
-
-def check_worked_examples(tracker, console=None) -> list:
-    """The notebook's worked derivative examples (``gradcheck.worked_examples``),
-    recorded: a table on the console, per-example relative errors as metrics
-    (``examples/<name>/rel_err_autodiff``, ``.../rel_err_fd``), the rows as the
-    artifact ``worked_examples.json`` and the tag ``gradcheck=passed|failed``.
-
-    Returns:
-      the rows, when every example agrees.
-
-    Raises:
-      GradcheckFailedError: naming each example whose sources disagree (after
-        everything is logged).
-    """
-    import dataclasses
-    import json
-
-    from . import gradcheck
-
-    t0 = time.perf_counter()
-    rows = gradcheck.worked_examples()
-    wall_s = time.perf_counter() - t0
-    if console is not None:
-        report.print_examples(console, rows)
-    points = [("gradcheck/wall_s", wall_s, 0)]
-    for row in rows:
-        points += [(f"examples/{row.name}/rel_err_autodiff", row.rel_err_autodiff, 0),
-                   (f"examples/{row.name}/rel_err_fd", row.rel_err_fd, 0)]
-    tracker.log_metrics(points)
-    tracker.log_text(json.dumps([dataclasses.asdict(row) for row in rows], indent=1),
-                     "worked_examples.json")
-    failed = [row.name for row in rows if not row.passed]
-    tracker.set_tags({"gradcheck": "failed" if failed else "passed"})
-    if failed:
-        raise GradcheckFailedError(None, [f"worked example {name!r} disagrees" for name in failed])
-    return rows

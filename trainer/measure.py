@@ -16,9 +16,11 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 __all__ = ["TimingStats", "summarize_times", "time_blocked", "compiled_cost", "compiled_memory",
-           "device_peak_bytes", "device_info", "abstract_signature", "signature_changes"]
+           "device_peak_bytes", "device_info", "abstract_signature", "signature_changes",
+           "CountingCompiler", "chunk_timings", "step_analysis"]
 
 
 @dataclass(frozen=True)
@@ -207,3 +209,94 @@ def signature_changes(old: dict, new: dict) -> list[str]:
         else:
             lines.append(f"{path}: {a[1]}{list(a[0])} -> {b[1]}{list(b[0])}")
     return lines
+
+
+class CountingCompiler:
+    """Ahead-of-time compilation of one function, counting its compilations.
+
+    ``jax.jit`` compiles again, silently, whenever an argument's shape or dtype
+    changes; here each call's abstract signature is compared with the compiled
+    one, and a change compiles again and is recorded with the arguments that
+    changed, so a run can report it. Every timed phase ends on the host after the
+    work is done (tracing, lowering and XLA compilation are synchronous).
+
+    Attributes:
+      num_compiles: compilations so far (1 in a healthy run).
+      recompiles: one line per compilation after the first, naming each argument
+        whose shape or dtype changed (``measure.signature_changes``).
+      trace_lower_s: seconds spent tracing to a jaxpr and lowering to StableHLO.
+      compile_s: seconds spent in XLA compilation.
+      compiled: the latest ``jax.stages.Compiled``.
+    """
+
+    def __init__(self, fn: Callable):
+        self._jitted = jax.jit(fn)
+        self._signature: dict | None = None
+        self.compiled = None
+        self.num_compiles = 0
+        self.recompiles: list[str] = []
+        self.trace_lower_s = 0.0
+        self.compile_s = 0.0
+
+    def compile(self, *args):
+        """Trace, lower and compile for ``args``' shapes and dtypes; returns the executable."""
+        signature = abstract_signature(args)
+        if self._signature is not None:
+            self.recompiles.append("; ".join(
+                signature_changes(self._signature, signature)))
+        t0 = time.perf_counter()
+        lowered = self._jitted.trace(*args).lower()
+        t1 = time.perf_counter()
+        self.compiled = lowered.compile()
+        self.trace_lower_s += t1 - t0
+        self.compile_s += time.perf_counter() - t1
+        self.num_compiles += 1
+        self._signature = signature
+        return self.compiled
+
+    def __call__(self, *args):
+        if abstract_signature(args) != self._signature:
+            self.compile(*args)
+        return self.compiled(*args)
+
+
+def chunk_timings(t_start: float, done_at: list[float], chunk_steps: list[int]
+                  ) -> dict[str, float]:
+    """Step-time figures from the times at which each chunk's results reached the host.
+
+    Args:
+      t_start: ``time.perf_counter()`` just before the first chunk was dispatched
+        (after compilation).
+      done_at: completion time of each chunk, the last one taken after
+        ``jax.block_until_ready`` on the final state (case C10).
+      chunk_steps: the steps each chunk ran (the last one may run fewer).
+
+    Returns:
+      seconds: ``first_call_s`` (first chunk, dispatch to results), ``train_s`` (all
+      chunks), ``step_s`` and ``step_p90_s`` (median and 90th percentile over
+      chunks of interval / steps); and ``steps_per_s`` over the steady state
+      (chunks after the first; the only one when there is one). Intervals are wall time between completions, so they
+      include host work (metrics, MLflow) whenever the device had to wait for it.
+    """
+    intervals = np.diff([t_start, *done_at])
+    if len(done_at) > 1:
+        steady_steps, steady_s = sum(chunk_steps[1:]), done_at[-1] - done_at[0]
+    else:
+        steady_steps, steady_s = chunk_steps[0], done_at[0] - t_start
+    per_step = intervals / np.asarray(chunk_steps)
+    return {"first_call_s": float(intervals[0]), "train_s": done_at[-1] - t_start,
+            "step_s": float(np.median(per_step)), "step_p90_s": float(np.quantile(per_step, 0.9)),
+            "steps_per_s": steady_steps / steady_s}
+
+
+def step_analysis(compiled) -> dict[str, float]:
+    """FLOPs and buffer bytes of one compiled train step (see ``RunResult.compute``)."""
+    out: dict[str, float] = {}
+    cost = compiled_cost(compiled)
+    if "flops" in cost:
+        out["flops_per_step"] = cost["flops"]
+    memory = compiled_memory(compiled)
+    for name in ("argument_bytes", "output_bytes", "temp_bytes"):
+        if name in memory:
+            out[name] = memory[name]
+    return out

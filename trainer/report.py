@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 __all__ = ["progress_bar", "plot_training", "plot_gradcheck", "save_params", "print_summary",
+           "write_members_csv", "plot_sweep", "plot_member_curves", "print_population",
            "print_examples", "workdir"]
 
 
@@ -252,3 +253,107 @@ def _values(value) -> str:
             return f"({len(value)} values; see worked_examples.json)"
         return "(" + ", ".join(f"{v:.10g}" for v in value) + ")"
     return f"{value:.12g}"
+
+
+def write_members_csv(rows: list[dict], path: Path) -> Path:
+    """One row per member of a sweep: run id and name, status, its values, final metrics."""
+    import csv
+
+    keys = sorted({k for r in rows for k in r["values"]})
+    metrics = sorted({k for r in rows for k in r["metrics"]})
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run_id", "run_name", "status", "skipped", *keys, *metrics])
+        for r in rows:
+            writer.writerow([r["run_id"], r["run_name"], r["status"], r["skipped"],
+                             *(r["values"].get(k, "") for k in keys),
+                             *(r["metrics"].get(k, "") for k in metrics)])
+    return path
+
+
+def plot_sweep(rows: list[dict], path: Path, *, best_run_id: str) -> Path:
+    """Final validation loss of each finished member against each swept key (one panel
+    per key; log x-axis for positive values spanning more than a factor 10), the best
+    member ringed."""
+    from matplotlib.figure import Figure
+
+    keys = sorted({k for r in rows for k in r["values"]}) or ["member"]
+    fig = Figure(figsize=(4.2 * len(keys), 3.8), dpi=100, layout="constrained")
+    axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    for ax, key in zip(axes, keys):
+        xs = [r["values"].get(key, i) if key != "member" else i for i, r in enumerate(rows)]
+        ys = [r["metrics"]["val_loss"] for r in rows]
+        ax.scatter(xs, ys, color="tab:blue")
+        for x, y, r in zip(xs, ys, rows):
+            if r["run_id"] == best_run_id:
+                ax.scatter([x], [y], s=160, facecolors="none", edgecolors="tab:red",
+                           label="best")
+        numeric = [x for x in xs if isinstance(x, (int, float))]
+        if numeric and min(numeric) > 0 and max(numeric) > 10 * min(numeric):
+            ax.set_xscale("log")
+        ax.set(xlabel=key, ylabel="final validation loss", title=f"validation loss vs {key}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.savefig(path)
+    return path
+
+
+def plot_member_curves(curves: dict[str, dict[str, tuple[list[int], list[float]]]], path: Path,
+                       *, best_run_id: str) -> Path:
+    """Train and validation loss of every member: the median over members with a
+    min-max band, and the best member's own curve (log scale)."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4), dpi=100, layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, name, label in zip(axes, ("train_loss", "val_loss"), ("train", "validation")):
+        series = [c[name] for c in curves.values() if c.get(name) and c[name][0]]
+        if not series:
+            continue
+        steps = sorted(set().union(*(set(s) for s, _ in series)))
+        table = np.full((len(series), len(steps)), np.nan)
+        where = {s: j for j, s in enumerate(steps)}
+        for i, (s, v) in enumerate(series):
+            table[i, [where[x] for x in s]] = v
+        with np.errstate(all="ignore"):
+            lo, mid, hi = (np.nanmin(table, 0), np.nanmedian(table, 0), np.nanmax(table, 0))
+        ax.fill_between(steps, lo, hi, alpha=0.25, label=f"min-max of {len(series)} members")
+        ax.plot(steps, mid, label="median")
+        best = curves.get(best_run_id, {}).get(name)
+        if best and best[0]:
+            ax.plot(*best, color="tab:red", lw=1, label="best member")
+        if np.nanmin(table) > 0:
+            ax.set_yscale("log")
+        ax.set(xlabel="step", ylabel=f"{label} loss", title=f"{label} loss over members")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.savefig(path)
+    return path
+
+
+def print_population(console, results: list, *, tracking_uri: str) -> None:
+    """One line per member trained (final validation loss, test metrics beside the
+    baseline) and the population's timings."""
+    if not results:
+        console.print(f"nothing to train: every point has a FINISHED run in {tracking_uri}")
+        return
+    from rich.table import Table
+
+    names = list(next((r.test_metrics for r in results if r.test_metrics), {}))
+    table = Table(title=f"{len(results)} members, one program", title_justify="left")
+    for col in ("member", "val_loss", *names):
+        table.add_column(col, justify="right")
+    for i, r in enumerate(results):
+        val = r.history.get("val_loss", ([], []))[1]
+        status = f"FAILED at step {r.failed_step}" if r.failed_step is not None else ""
+        cells = [f"{r.test_metrics[n]:.4f} ({r.baseline_metrics[n]:.4f})" if n in r.test_metrics
+                 else status for n in names]
+        table.add_row(str(i), f"{val[-1]:.4g}" if val else "-", *cells)
+    console.print(table)
+    t, m = results[0].timings, results[0].compute
+    console.print(f"test metrics: net (linear baseline) | compile {t['compile_s']:.2f} s "
+                  f"({m.get('num_compiles', 1)}x for all members) | {t['steps_per_s']:,.0f} "
+                  f"steps/s x {m['members']} members on {m['devices']} device(s) | "
+                  f"wall {t['wall_s']:.2f} s")
+    console.print(f"runs in {tracking_uri}")

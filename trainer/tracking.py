@@ -208,6 +208,7 @@ class MlflowTracker:
         self._buffer: list = []
         self._last_send = time.perf_counter()
         self._pending: list = []
+        self.end_status: str | None = None  # set "FAILED" to end the run so without raising
 
     @contextlib.contextmanager
     def _timed(self) -> Iterator[None]:
@@ -301,7 +302,8 @@ def start_run(client, experiment_id: str, *, run_name: str,
     ``error`` and the traceback as the artifact ``error.txt``. Ctrl-C or SIGTERM
     (a handler is installed for the run's duration; MLflow installs none):
     KILLED. The end time is set in every case and the exception re-raised, so the
-    process exits non-zero; what was logged before stays.
+    process exits non-zero; what was logged before stays. A tracker whose
+    ``end_status`` was set (a population member that diverged) ends with it.
     """
     identity = {"host": socket.gethostname(), "pid": str(os.getpid())}
     start = _process_start(os.getpid())
@@ -317,7 +319,7 @@ def start_run(client, experiment_id: str, *, run_name: str,
     status = "FAILED"
     try:
         yield tracker
-        status = "FINISHED"
+        status = tracker.end_status or "FINISHED"
     except KeyboardInterrupt as err:
         status = "KILLED"
         reason = str(err) or "interrupted (Ctrl-C)"
@@ -400,3 +402,46 @@ def ui_command(store: Store) -> str:
         return f"open {store.tracking_uri}"
     return ("MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --backend-store-uri "
             f"{store.tracking_uri} --host 127.0.0.1 --port 5000 --workers 1")
+
+
+# --- populations: parent and child runs ----------------------------------------------------
+
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests a child under its parent
+
+
+def config_hash(resolved: dict) -> str:
+    """A short hash of a resolved config without ``tracking`` and ``population`` (where
+    runs are recorded, not what they train): equal for the same point however launched."""
+    import hashlib
+    import json
+
+    tree = {k: v for k, v in resolved.items() if k not in ("tracking", "population")}
+    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def finished_runs(client, experiment_id: str, hashes: Iterable[str]) -> dict[str, str]:
+    """``{config_hash: run_id}`` of FINISHED runs in the experiment with those hashes."""
+    wanted = set(hashes)
+    found: dict[str, str] = {}
+    # MLflow's filter has no IN for tags: one query for the experiment's hashed runs
+    runs = client.search_runs([experiment_id], max_results=50_000,
+                              filter_string="attributes.status = 'FINISHED' and "
+                                            "tags.config_hash LIKE '%'")
+    for run in runs:
+        digest = run.data.tags.get("config_hash")
+        if digest in wanted:
+            found.setdefault(digest, run.info.run_id)
+    return found
+
+
+def child_runs(client, experiment_id: str, parent_run_id: str) -> list:
+    """The runs whose ``mlflow.parentRunId`` is ``parent_run_id``, oldest first."""
+    runs = client.search_runs([experiment_id], max_results=50_000,
+                              filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
+    return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_name or ""))
+
+
+def metric_history(client, run_id: str, key: str) -> tuple[list[int], list[float]]:
+    """``(steps, values)`` of one metric of one run, in step order."""
+    points = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+    return [m.step for m in points], [m.value for m in points]

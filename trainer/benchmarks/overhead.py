@@ -40,8 +40,8 @@ from .. import measure
 from ..config import Config, DataConfig, ModelConfig, OptimConfig, TrainerConfig
 from ..data import load_dataset
 from ..loop import SHUFFLE_STREAM, train_and_evaluate
+from ..steps import row_permutation
 from ..models import ModelSpec, init_model
-from ..optim import make_optimizer, make_schedule
 from ..tracking import get_or_create_experiment, open_store, resolve_store, start_run
 
 __all__ = ["Sizes", "QUICK", "run", "make_config", "hand_written_run", "service_run"]
@@ -86,8 +86,10 @@ def hand_written_run(cfg: Config, dataset) -> tuple[float, float, list]:
                      tuple(cfg.model.hidden), False, cfg.model.init, cfg.model.init_scale)
     params = nnx.to_pure_dict(nnx.split(init_model(spec, key=root), nnx.Param)[1])
     layers = _layer_list(params)
-    schedule = make_schedule(cfg.optim, cfg.trainer.num_steps)
-    tx = make_optimizer(cfg.optim, schedule)
+    o = cfg.optim  # plain optax, as one writes it by hand (the service injects its values)
+    tx = optax.adamw(optax.cosine_decay_schedule(o.learning_rate, cfg.trainer.num_steps,
+                                                 alpha=o.final_lr_fraction),
+                     weight_decay=o.weight_decay)
     x_train, y_train = jnp.asarray(dataset.x_train), jnp.asarray(dataset.y_train)
     n, batch = x_train.shape[0], min(cfg.data.batch_size, x_train.shape[0])
     steps_per_epoch = n // batch
@@ -118,7 +120,7 @@ def hand_written_run(cfg: Config, dataset) -> tuple[float, float, list]:
         first_epoch = carry[2] // steps_per_epoch
         keys = jax.vmap(lambda e: jax.random.fold_in(shuffle_key, e))(
             first_epoch + jnp.arange(n_epochs))
-        orders = jax.vmap(lambda k: jax.random.permutation(k, n))(keys)
+        orders = jax.vmap(lambda k: row_permutation(k, n))(keys)
         return lax.scan(lambda c, _: step(c, orders, first_epoch), carry, None,
                         length=steps_per_call)
 

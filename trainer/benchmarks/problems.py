@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import jax
-import optax
 from flax import nnx
 
+from ..config import OptimConfig
 from ..models import ModelSpec, count_params, init_model
+from ..optim import make_optimizer
 from ..steps import TrainState, init_train_state, make_train_step, mse_loss
 
 __all__ = ["MlpProblem", "make_mlp_problem"]
@@ -48,7 +49,8 @@ class MlpProblem:
 
     @property
     def batch(self) -> tuple[jax.Array, jax.Array]:
-        return self.x, self.y
+        """``(x, y)`` with the member axis of a population of one: ``(1, B, ...)``."""
+        return self.x[None], self.y[None]
 
 
 def make_mlp_problem(*, width: int, batch_size: int, depth: int = 2, in_features: int = 32,
@@ -71,9 +73,11 @@ def make_mlp_problem(*, width: int, batch_size: int, depth: int = 2, in_features
     def loss(params, x, y):
         return mse_loss(nnx.merge(graphdef, params)(x), y)
 
-    optimizer = optax.adam(LEARNING_RATE)
-    train_step = make_train_step(graphdef, optimizer, mse_loss,
-                                 optax.constant_schedule(LEARNING_RATE))
-    state = init_train_state(params, optimizer, key=k_state)
+    # A population of one, as the service trains a lone run.
+    optimizer = make_optimizer(OptimConfig(name="adam", learning_rate=LEARNING_RATE), 1)
+    train_step = make_train_step(graphdef, optimizer, mse_loss)
+    state = init_train_state(jax.tree.map(lambda a: a[None], params), optimizer,
+                             {"learning_rate": jax.numpy.full((1,), LEARNING_RATE)},
+                             key=k_state[None])
     return MlpProblem(width, batch_size, depth, params, x, y, loss, train_step, state,
                       count_params(params))

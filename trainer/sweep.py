@@ -1,0 +1,293 @@
+"""Population jobs and sweeps in MLflow: one parent run, one child run per member.
+
+A population job (``population.members`` set; a multirun makes one per group of
+points that differ only in vmappable keys) trains its members as one program
+(``loop.train_population``) and records each member as a child run holding what a
+lone run of that point holds: its params, curves, test metrics beside the linear
+baseline, tags, artifacts. The parent run is the sweep's (opened by the sweeper,
+``open_sweep``) or, for a job launched on its own, the job's. The parent
+summarises its children (``summarize_parent``): the best member by validation
+loss, min / median / max of the final metrics, the final validation loss against
+each swept key, the members' curves as a median with a band (cases C16, C17).
+
+Points that already have a FINISHED run with the same resolved config in the
+experiment (tag ``config_hash``) are skipped unless ``population.rerun=true``;
+failed ones run again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from . import report
+from .tracking import (PARENT_TAG, Store, child_runs, config_hash, environment_tags,
+                       finished_runs, flatten_config, get_or_create_experiment, metric_history,
+                       open_store, resolve_store, start_run)
+
+__all__ = ["new_sweep_id", "run_population_job", "summarize_parent", "open_sweep",
+           "SweepHandle", "member_run_name"]
+
+SHORT = {"seed": "seed", "optim.learning_rate": "lr", "optim.weight_decay": "wd",
+         "optim.momentum": "mom", "optim.clip_norm": "clip", "optim.final_lr_fraction": "final",
+         "model.init_scale": "scale"}
+CURVES = ("train_loss", "val_loss")
+
+
+def new_sweep_id() -> str:
+    """A sweep id that no two launches share: time, host and a random part."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+
+
+def member_run_name(experiment: str, values: dict, index: int) -> str:
+    """``<experiment>-lr0.003-seed1``: what differs first, so names differ early."""
+    parts = [f"{SHORT.get(k, k)}{v:g}" if isinstance(v, float) else f"{SHORT.get(k, k)}{v}"
+             for k, v in values.items()]
+    return "-".join([experiment, *parts]) if parts else f"{experiment}-member{index}"
+
+
+def _identity() -> dict[str, str]:
+    return {"host": socket.gethostname(), "pid": str(os.getpid())}
+
+
+def run_population_job(client, store: Store, experiment_id: str, experiment: str, cfg: DictConfig,
+                       members: list, datasets: list, *, tags: dict[str, str], console,
+                       err_console) -> list:
+    """Train one population job and record it; returns the results of the members trained.
+
+    Args:
+      cfg: the job's composed config (with ``population``).
+      members: ``config.member_configs(cfg)``: ``[(values, member_cfg)]``.
+      datasets: each member's split.
+      tags: the job's tags (environment, overrides, output folder), given to every run.
+
+    Raises:
+      what ``loop.train_population`` raises, after every run of the job is closed
+      FAILED (or KILLED on Ctrl-C / SIGTERM) with the error.
+    """
+    from .config import to_config
+    from .loop import learning_rate_at, train_population
+
+    population = cfg.population
+    sweep_id = population.sweep_id or new_sweep_id()
+    resolved = [OmegaConf.to_container(m, resolve=True) for _, m in members]
+    hashes = [config_hash(r) for r in resolved]
+    done = {} if population.rerun else finished_runs(client, experiment_id, hashes)
+    todo = [i for i, h in enumerate(hashes) if h not in done]
+    skipped = {hashes[i]: done[hashes[i]] for i in range(len(members)) if hashes[i] in done}
+    if skipped:
+        console.print(f"skipped {len(skipped)} of {len(members)} points that already have a "
+                      "FINISHED run with the same config in this experiment "
+                      "(population.rerun=true runs them again)")
+    job_tags = {**tags, "sweep_id": sweep_id, "population.members": str(len(members))}
+    with contextlib.ExitStack() as stack:
+        parent_id = population.parent_run_id
+        if parent_id is None:
+            parent = stack.enter_context(start_run(
+                client, experiment_id, run_name=f"{experiment}-sweep-{len(members)}-points",
+                tags={**job_tags, "command": " ".join(["python -m trainer", *sys.argv[1:]]),
+                      "population.role": "parent"}))
+            parent_id = parent.run_id
+            parent.log_params({k: v for k, v in flatten_config(
+                OmegaConf.to_container(cfg, resolve=True)).items()
+                if not k.startswith("population.")})
+            console.print(f"parent run {parent_id} in experiment {experiment!r}")
+        if skipped:
+            client_tags = {f"skipped.{h}": run_id for h, run_id in skipped.items()}
+            from mlflow.entities import RunTag
+            client.log_batch(parent_id, tags=[RunTag(k, v) for k, v in client_tags.items()])
+        if not todo:
+            results = []
+        else:
+            trackers = []
+            for i in todo:
+                values, _ = members[i]
+                name = member_run_name(experiment, values, i)
+                tracker = stack.enter_context(start_run(
+                    client, experiment_id, run_name=name,
+                    tags={**job_tags, PARENT_TAG: parent_id, "config_hash": hashes[i],
+                          "population.member": str(i), "population.role": "member",
+                          "population.values": json.dumps(values)}))
+                tracker.log_params(flatten_config(resolved[i]))
+                tracker.log_text(OmegaConf.to_yaml(resolved[i]), "config.yaml")
+                trackers.append(tracker)
+            console.print(f"{len(todo)} member runs under parent {parent_id}")
+            configs = [to_config(members[i][1]) for i in todo]
+            results = train_population(configs, [datasets[i] for i in todo], trackers,
+                                       console=console)
+            for c, tracker, result in zip(configs, trackers, results):
+                if result.failed_step is not None:
+                    rate = learning_rate_at(c, result.failed_step)
+                    tracker.set_tags({"error": f"the loss became NaN or infinite at step "
+                                               f"{result.failed_step} (learning rate {rate:g})"})
+                    tracker.end_status = "FAILED"
+            failed = sum(r.failed_step is not None for r in results)
+            if failed:
+                err_console.print(f"[bold red]diverged:[/] {failed} of {len(results)} members "
+                                  "reached a NaN or infinite loss; their runs ended FAILED, "
+                                  "the others trained on (try a smaller optim.learning_rate "
+                                  "or set optim.clip_norm)")
+        if population.parent_run_id is None:
+            summarize_parent(client, experiment_id, parent_id, num_groups=1)
+    return results
+
+
+def summarize_parent(client, experiment_id: str, parent_run_id: str, *,
+                     num_groups: int) -> dict | None:
+    """Summarise a parent's children (and the earlier runs of points it skipped).
+
+    Logs to the parent: metrics ``members``, ``failed_members``, ``skipped_members``,
+    ``groups``; ``best/val_loss`` and ``best/test_*`` of the best member (lowest final
+    validation loss among FINISHED runs) with its run id and name as tags and its
+    values as params ``best.<key>``; ``final/<metric>/min|median|max`` over FINISHED
+    members; artifacts ``members.csv`` (one row per member), ``sweep_val_loss.png``
+    (final validation loss against each swept key) and ``sweep_curves.png`` (train
+    and validation loss: median and min-max band over members).
+
+    Returns:
+      the best member's summary row, or None when no member finished.
+    """
+    from mlflow.entities import Metric, Param, RunTag
+
+    parent = client.get_run(parent_run_id)
+    runs = child_runs(client, experiment_id, parent_run_id)
+    skipped_ids = [v for k, v in parent.data.tags.items() if k.startswith("skipped.")]
+    skipped = [client.get_run(run_id) for run_id in skipped_ids]
+    rows = []
+    for run in runs + skipped:
+        row = {"run_id": run.info.run_id, "run_name": run.info.run_name,
+               "status": run.info.status,
+               "values": json.loads(run.data.tags.get("population.values", "{}")),
+               "metrics": {k: v for k, v in run.data.metrics.items()
+                           if k in ("train_loss", "val_loss") or k.startswith(("test_",
+                                                                               "baseline_"))},
+               "skipped": run in skipped}
+        rows.append(row)
+    finished = [r for r in rows if r["status"] == "FINISHED" and "val_loss" in r["metrics"]]
+    now = int(time.time() * 1000)
+    metrics = [Metric("members", len(rows), now, 0),
+               Metric("failed_members", sum(r["status"] == "FAILED" for r in rows), now, 0),
+               Metric("skipped_members", len(skipped), now, 0), Metric("groups", num_groups, now, 0)]
+    tags, params, best = {}, [], None
+    if finished:
+        best = min(finished, key=lambda r: r["metrics"]["val_loss"])
+        tags = {"best.run_id": best["run_id"], "best.run_name": best["run_name"]}
+        existing = parent.data.params
+        params = [Param(f"best.{k}", str(v)) for k, v in best["values"].items()
+                  if f"best.{k}" not in existing]
+        metrics += [Metric(f"best/{k}", v, now, 0) for k, v in best["metrics"].items()]
+        names = sorted({k for r in finished for k in r["metrics"]})
+        for name in names:
+            values = [r["metrics"][name] for r in finished if name in r["metrics"]]
+            for stat, value in (("min", min(values)), ("median", statistics.median(values)),
+                                ("max", max(values))):
+                metrics.append(Metric(f"final/{name}/{stat}", value, now, 0))
+    client.log_batch(parent_run_id, metrics=metrics, params=params,
+                     tags=[RunTag(k, v) for k, v in tags.items()])
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="trainer-sweep-") as tmp:
+        folder = Path(tmp)
+        client.log_artifact(parent_run_id, str(report.write_members_csv(
+            rows, folder / "members.csv")))
+        if finished:
+            curves = {r["run_id"]: {k: metric_history(client, r["run_id"], k) for k in CURVES}
+                      for r in finished}
+            client.log_artifact(parent_run_id, str(report.plot_sweep(
+                finished, folder / "sweep_val_loss.png", best_run_id=best["run_id"])))
+            client.log_artifact(parent_run_id, str(report.plot_member_curves(
+                curves, folder / "sweep_curves.png", best_run_id=best["run_id"])))
+    return best
+
+
+@dataclass
+class SweepHandle:
+    """The parent run of a multirun, opened by the sweeper before it launches the jobs.
+
+    Attributes:
+      sweep_id: tags every run of the sweep.
+      parent_run_id: the parent run, or None when the store could not be opened (the
+        jobs then report the store's error themselves).
+    """
+
+    sweep_id: str
+    parent_run_id: str | None
+    num_groups: int = 1
+    _client: object = None
+    _experiment_id: str | None = None
+
+    def close(self, returns: list) -> None:
+        """Summarise the children and end the parent: FINISHED, or FAILED when a job failed.
+
+        Args:
+          returns: the launcher's ``JobReturn`` list (``return_value`` is the job's exit
+            code, or the job raised).
+        """
+        if self.parent_run_id is None:
+            return
+        failed = False
+        for ret in returns:
+            try:
+                failed |= bool(ret.return_value)
+            except Exception:  # the job raised: JobReturn re-raises it on access
+                failed = True
+        try:
+            summarize_parent(self._client, self._experiment_id, self.parent_run_id,
+                             num_groups=self.num_groups)
+        finally:
+            self._client.set_terminated(self.parent_run_id, "FAILED" if failed else "FINISHED")
+
+
+    def abort(self, err: BaseException) -> None:
+        """End the parent KILLED (Ctrl-C, SIGTERM) or FAILED (any other error), with the
+        error as its tag, summarising what the children recorded so far."""
+        if self.parent_run_id is None:
+            return
+        from mlflow.entities import RunTag
+
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        try:
+            self._client.log_batch(self.parent_run_id, tags=[
+                RunTag("error", (str(err) or type(err).__name__)[:4000])])
+            summarize_parent(self._client, self._experiment_id, self.parent_run_id,
+                             num_groups=self.num_groups)
+        except Exception:  # closing must not hide the error that stopped the sweep
+            pass
+        finally:
+            self._client.set_terminated(self.parent_run_id, status)
+
+
+def open_sweep(job_config: DictConfig, *, arguments: list[str], num_points: int,
+               num_groups: int) -> SweepHandle:
+    """Open the parent run of a multirun in the store of ``job_config`` (a composed job
+    config with its ``hydra`` node), tagged with the command and the counts."""
+    sweep_id = new_sweep_id()
+    tracking = job_config.tracking
+    launch_dir = Path(OmegaConf.select(job_config, "hydra.runtime.cwd") or os.getcwd())
+    experiment = (tracking.experiment_name
+                  or OmegaConf.select(job_config, "hydra.runtime.choices.experiment")
+                  or "default")
+    try:
+        store = resolve_store(tracking.uri, launch_dir)
+        client = open_store(store)
+        experiment_id = get_or_create_experiment(client, store, experiment)
+    except Exception:  # each job reports the store's error with its own message
+        return SweepHandle(sweep_id, None)
+    tags = {**environment_tags(), **_identity(), "sweep_id": sweep_id,
+            "command": " ".join(["python -m trainer", *arguments]),
+            "population.role": "parent", "tracking_uri": store.tracking_uri,
+            "launch_dir": str(launch_dir), "sweep.points": str(num_points),
+            "sweep.groups": str(num_groups)}
+    run = client.create_run(experiment_id, run_name=f"{experiment}-sweep-{num_points}-points",
+                            tags=tags)
+    return SweepHandle(sweep_id, run.info.run_id, num_groups, client, experiment_id)
