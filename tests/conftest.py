@@ -54,6 +54,23 @@ def all_runs(client) -> list:
     return client.search_runs(experiments, max_results=1000) if experiments else []
 
 
+def sgd_step(graphdef, params, x, y, *, learning_rate: float):
+    """One SGD step of the service's train step on a population of one; returns the
+    ``TrainState`` with the member axis taken off the params."""
+    import jax.numpy as jnp
+
+    from trainer.config import OptimConfig
+    from trainer.optim import make_optimizer
+    from trainer.steps import init_train_state, make_train_step, mse_loss
+
+    tx = make_optimizer(OptimConfig(name="sgd", learning_rate=learning_rate), 1)
+    step = jax.jit(make_train_step(graphdef, tx, mse_loss))
+    state, _ = step(init_train_state(jax.tree.map(lambda a: a[None], params), tx,
+                                     {"learning_rate": jnp.full((1,), learning_rate)},
+                                     key=jax.random.key(1)[None]), (x[None], y[None]))
+    return state._replace(params=jax.tree.map(lambda a: a[0], state.params))
+
+
 def split_runs(runs) -> tuple[list, list]:
     """``(parents, others)``: a sweep's parent runs, and every other run (lone or member)."""
     parents = [r for r in runs if r.data.tags.get("population.role") == "parent"]

@@ -272,7 +272,8 @@ def test_store_stays_in_launch_dir_with_chdir(run_cli, tmp_path):
     <launch>/mlruns/mlflow.db, in one experiment; no store under outputs/ or multirun/."""
     first = run_cli(SMOKE, "hydra.job.chdir=true")
     assert first.returncode == 0, first.stdout + first.stderr
-    sweep = run_cli("-m", SMOKE, "hydra.job.chdir=true", "optim.learning_rate=0.01,0.02")
+    # not 0.01: that point has a FINISHED run already (the first), so a sweep would skip it
+    sweep = run_cli("-m", SMOKE, "hydra.job.chdir=true", "optim.learning_rate=0.02,0.03")
     assert sweep.returncode == 0, sweep.stdout + sweep.stderr
 
     uri = default_uri(tmp_path)
@@ -290,7 +291,7 @@ def test_store_stays_in_launch_dir_with_chdir(run_cli, tmp_path):
     assert len({r.info.experiment_id for r in runs + parents}) == 1
     assert all(r.info.status == "FINISHED" for r in runs + parents)
     assert all(r.data.tags["tracking_uri"] == uri for r in runs + parents)
-    assert sorted(float(r.data.params["optim.learning_rate"]) for r in runs) == [0.01, 0.01, 0.02]
+    assert sorted(float(r.data.params["optim.learning_rate"]) for r in runs) == [0.01, 0.02, 0.03]
 
 
 def test_tracking_uri_from_env_and_override(tmp_path):

@@ -17,10 +17,11 @@ import pytest
 from flax import nnx
 
 from trainer import gradcheck
-from trainer.gradcheck import GradcheckSettings, check_gradients
-from trainer.models import TanhMLP, TiedTanh, count_params
+from conftest import sgd_step
 from trainer.config import OptimConfig
 from trainer.optim import make_optimizer
+from trainer.gradcheck import GradcheckSettings, check_gradients
+from trainer.models import TanhMLP, TiedTanh, count_params
 from trainer.steps import cross_entropy_loss, init_train_state, make_train_step, mse_loss
 
 NOTEBOOK_LOSS = 1.0354788   # float32, the notebook's seed net
@@ -209,12 +210,7 @@ def test_c12_float32_training_is_checked_in_float64_and_x64_is_restored():
 
 def test_c15_one_theta_after_an_sgd_step_and_its_two_uses_add_up():
     graphdef, params, (x, y) = tied3()
-    tx = make_optimizer(OptimConfig(name="sgd", learning_rate=0.1), 1)
-    step = jax.jit(make_train_step(graphdef, tx, mse_loss))
-    state, _ = step(init_train_state(jax.tree.map(lambda a: a[None], params), tx,
-                                     {"learning_rate": jnp.full((1,), 0.1)},
-                                     key=jax.random.key(1)[None]), (x[None], y[None]))
-    state = state._replace(params=jax.tree.map(lambda a: a[0], state.params))
+    state = sgd_step(graphdef, params, x, y, learning_rate=0.1)
     assert count_params(state.params) == 9 and gradcheck.tensor_names(state.params) == ["theta"]
     report = check_gradients(graphdef, state.params, (x, y), mse_loss, key=jax.random.key(0))
     assert report.passed, report.failures()

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import sgd_step
 from trainer.config import DataConfig
 from trainer.data import load_dataset
 from trainer.models import ModelSpec, TanhMLP, TiedTanh, count_params, init_model
-from trainer.config import OptimConfig
-from trainer.optim import make_optimizer
-from trainer.steps import init_train_state, make_train_step, mse_loss
+from trainer.steps import mse_loss
 
 
 def spec(**kw) -> ModelSpec:
@@ -57,12 +56,7 @@ def test_c15_tied_model_has_one_theta_after_a_step():
     graphdef, params = nnx.split(model, nnx.Param)
     assert count_params(params) == 9
     assert [p.shape for p in jax.tree.leaves(params)] == [(3, 3)]
-    tx = make_optimizer(OptimConfig(name="sgd", learning_rate=0.1), 1)
-    step = jax.jit(make_train_step(graphdef, tx, mse_loss))
-    state, _ = step(init_train_state(jax.tree.map(lambda a: a[None], params), tx,
-                                     {"learning_rate": jnp.full((1,), 0.1)},
-                                     key=jax.random.key(1)[None]), (x[None], y[None]))
-    state = state._replace(params=jax.tree.map(lambda a: a[0], state.params))
+    state = sgd_step(graphdef, params, x, y, learning_rate=0.1)
     leaves = jax.tree.leaves(state.params)
     assert len(leaves) == 1 and leaves[0].shape == (3, 3)
     assert not np.allclose(leaves[0], jax.tree.leaves(params)[0])

@@ -1,4 +1,4 @@
-"""The scheduled benchmark suite: six benchmarks as importable, testable functions.
+"""The scheduled benchmark suite: seven benchmarks as importable, testable functions.
 
 Each benchmark module has ``Sizes`` (every default, one per line, with its unit),
 ``QUICK`` (the small sizes of ``--quick``) and ``run(sizes, workdir, *, log) ->
@@ -15,6 +15,7 @@ MLflow run; ``compare`` compares runs over time.
 | ``memory`` | ``memory`` | bytes with and without the backward pass, ``jax.checkpoint`` |
 | ``scaling`` | ``scaling`` | steps/s and FLOP/s over width and batch, against peak matmul |
 | ``overhead`` | ``overhead`` | the service's loop against a hand-written jit + scan loop |
+| ``population`` | ``population`` | a lone run against one fixed batch (P1); many members as one program (P3) |
 
 Modules are imported when run, so importing this package imports no JAX.
 """
@@ -33,6 +34,7 @@ CASES: dict[str, str] = {
     "memory": "memory",
     "scaling": "scaling",
     "overhead": "overhead",
+    "population": "population",
 }
 
 

@@ -316,6 +316,9 @@ def main(argv: list[str] | None = None, *, cases: list[str] | None = None,
         return EXIT_USAGE
     run_name = args.run_name or make_run_name(cases, args.quick)
     from .. import measure
+    from ..population import set_host_devices
+
+    set_host_devices(None)  # as the CLI: one host device per core, before JAX starts
     from ..tracking import (Terminated, TrackingError, get_or_create_experiment, open_store,
                             resolve_store, start_run)
 
