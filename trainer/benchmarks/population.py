@@ -8,7 +8,8 @@ every 1000 steps, calls of 2000 steps) against a plain ``jax.jit`` of a
 which is what an expert writes to time a step. Workloads: W1, the seed model (Θ
 100 x 100, one input vector, full batch) and W2, a 10-64-64-1 tanh MLP on diabetes,
 batch 32 (the service shuffles: each epoch a permutation, batches gathered once per
-sub-block). Same initial params, same optimizer. Figure ``population/p1/<W>/ratio``
+sub-block); W3, the wide 10-512-512-1 MLP, where matmuls dominate. Same initial
+params, same optimizer. Figure ``population/p1/<W>/ratio``
 = service steps/s / hand-written steps/s, the median of per-repeat ratios (both
 sides back to back in each repeat). Bar >= 0.95.
 
@@ -66,16 +67,24 @@ class Sizes:
 QUICK = Sizes(num_steps=20_000, members=16, population_calls=1, repeats=1)
 
 
+WORKLOADS = ("W1", "W2", "W3")
+
+
 def workload(name: str, num_steps: int) -> Config:
-    """W1 (seed model, Adam) or W2 (10-64-64-1 MLP on diabetes, batch 32, Adam), with the
-    schema's trainer defaults for logging and calls."""
+    """W1 (seed model, Adam), W2 (10-64-64-1 MLP on diabetes, batch 32, Adam) or W3 (the
+    wide 10-512-512-1 MLP, same data and optimizer; a tenth of the steps, at least three
+    calls: each step is ~60x W2's work), with the schema's trainer defaults for logging
+    and calls."""
+    if name == "W3":
+        num_steps = max(num_steps // 10, 3 * TrainerConfig.steps_per_call)
     trainer = TrainerConfig(num_steps=num_steps, progress=False)
     adam = OptimConfig(name="adam", learning_rate=1e-3)
     if name == "W1":
         return Config(model=ModelConfig(kind="tied", width=100, init="normal", init_scale=1.0),
                       data=DataConfig(kind="seed", seed_width=100, standardize=False,
                                       batch_size=1), optim=adam, trainer=trainer)
-    return Config(model=ModelConfig(hidden=[64, 64]),
+    width = 512 if name == "W3" else 64
+    return Config(model=ModelConfig(hidden=[width, width]),
                   data=DataConfig(kind="diabetes", batch_size=32), optim=adam, trainer=trainer)
 
 
@@ -167,7 +176,7 @@ def run(sizes: Sizes = Sizes(), workdir: Path | None = None, *,
     rec = Recorder(NAME, asdict(sizes), log=log)
     hand_w2 = []
     with tempfile.TemporaryDirectory(prefix="bench-population-") as tmp:
-        for name in ("W1", "W2"):
+        for name in WORKLOADS:
             cfg = workload(name, sizes.num_steps)
             dataset = load_dataset(cfg.data, seed=cfg.seed)
             _, h0, h_last, h_params = hand_written_run(cfg, dataset)
@@ -179,7 +188,7 @@ def run(sizes: Sizes = Sizes(), workdir: Path | None = None, *,
                                 jax.tree.leaves(s_params), jax.tree.leaves(h_params),
                                 rtol=matmul_tol(1e-3), atol_scale=matmul_tol(1e-4))
             else:
-                rec.check_true("W2: both sides lower the loss", h_last < h0 and s_last < s0,
+                rec.check_true(f"{name}: both sides lower the loss", h_last < h0 and s_last < s0,
                                f"hand {h0:.4g} -> {h_last:.4g}, service {s0:.4g} -> {s_last:.4g}")
             hand, service = [], []
             for _ in range(sizes.repeats):
