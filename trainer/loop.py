@@ -112,7 +112,6 @@ class Run:
     loss_fn: Callable
     state: TrainState
     data: DeviceData
-    train_step: Callable
     chunk_fn: CountingCompiler
     chunk_ends: list[int]
     batch_size: int
@@ -189,7 +188,7 @@ def build_run(members: list, datasets: list[Dataset], *, loss_fn: Callable | Non
     chunk_ends = [min((c + 1) * steps_per_call, num_steps) for c in range(num_chunks)]
     return Run(members=list(members), datasets=list(datasets), layout=layout,
                graphdef=graphdef, optimizer=optimizer, loss_fn=loss_fn, state=state, data=data,
-               train_step=train_step, chunk_fn=chunk_fn, chunk_ends=chunk_ends,
+               chunk_fn=chunk_fn, chunk_ends=chunk_ends,
                batch_size=batch_size, num_params=count_params(one), compute=compute,
                analysis_s=analysis_s)
 

@@ -31,9 +31,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from . import report
-from .tracking import (PARENT_TAG, Store, child_runs, config_hash, environment_tags,
-                       finished_runs, flatten_config, get_or_create_experiment, metric_history,
-                       open_store, resolve_store, start_run)
+from .tracking import (PARENT_TAG, MlflowTracker, Store, child_runs, config_hash,
+                       environment_tags, finished_runs, flatten_config, get_or_create_experiment,
+                       metric_history, open_store, resolve_store, start_run)
 
 __all__ = ["new_sweep_id", "run_population_job", "summarize_parent", "open_sweep",
            "SweepHandle", "member_run_name"]
@@ -84,7 +84,7 @@ def run_population_job(client, store: Store, experiment_id: str, experiment: str
     hashes = [config_hash(r) for r in resolved]
     done = {} if population.rerun else finished_runs(client, experiment_id, hashes)
     todo = [i for i, h in enumerate(hashes) if h not in done]
-    skipped = {hashes[i]: done[hashes[i]] for i in range(len(members)) if hashes[i] in done}
+    skipped = {h: done[h] for h in hashes if h in done}
     if skipped:
         console.print(f"skipped {len(skipped)} of {len(members)} points that already have a "
                       "FINISHED run with the same config in this experiment "
@@ -103,9 +103,8 @@ def run_population_job(client, store: Store, experiment_id: str, experiment: str
                 if not k.startswith("population.")})
             console.print(f"parent run {parent_id} in experiment {experiment!r}")
         if skipped:
-            client_tags = {f"skipped.{h}": run_id for h, run_id in skipped.items()}
-            from mlflow.entities import RunTag
-            client.log_batch(parent_id, tags=[RunTag(k, v) for k, v in client_tags.items()])
+            MlflowTracker(client, parent_id).set_tags(
+                {f"skipped.{h}": run_id for h, run_id in skipped.items()})
         if not todo:
             results = []
         else:
@@ -253,12 +252,10 @@ class SweepHandle:
         error as its tag, summarising what the children recorded so far."""
         if self.parent_run_id is None:
             return
-        from mlflow.entities import RunTag
-
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         try:
-            self._client.log_batch(self.parent_run_id, tags=[
-                RunTag("error", (str(err) or type(err).__name__)[:4000])])
+            MlflowTracker(self._client, self.parent_run_id).set_tags(
+                {"error": (str(err) or type(err).__name__)[:4000]})
             summarize_parent(self._client, self._experiment_id, self.parent_run_id,
                              num_groups=self.num_groups)
         except Exception:  # closing must not hide the error that stopped the sweep
