@@ -6,9 +6,12 @@ raises, so a broadcasting bug such as (B, 1) - (B,) -> (B, B) fails loudly.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -18,11 +21,17 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 REPO = Path(__file__).resolve().parents[1]
 
+# CLI subprocesses of one test session share a compilation cache of their own, never the
+# user's ~/.cache/trainer/jax (a test that studies the cache passes its own folder).
+SESSION_CACHE = tempfile.mkdtemp(prefix="trainer-tests-jax-cache-")
+atexit.register(shutil.rmtree, SESSION_CACHE, ignore_errors=True)
+
 
 def cli_env(**extra: str) -> dict[str, str]:
     """The environment for a CLI subprocess: no inherited tracking URI, no telemetry."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update({"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"})
+    env.update({"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1",
+                "JAX_COMPILATION_CACHE_DIR": SESSION_CACHE})
     env.update(extra)
     return env
 

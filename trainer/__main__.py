@@ -15,6 +15,7 @@ import os
 import secrets
 import sys
 import time
+import warnings
 from pathlib import Path
 
 EXIT_USAGE = 2        # bad config or data: nothing ran
@@ -77,6 +78,7 @@ def run_job(cfg, err_console) -> int:
     from .data import DataError, load_dataset
     from .loop import GradcheckFailedError, NonFiniteLossError, check_worked_examples, \
         train_and_evaluate
+    from . import compile_cache
     from .population import set_host_devices
     from .report import print_summary
     from .tracking import (TrackingError, config_hash, environment_tags, flatten_config,
@@ -93,6 +95,12 @@ def run_job(cfg, err_console) -> int:
         c = to_config(cfg)
         # before anything starts JAX's backend: the member axis's host devices
         set_host_devices(c.population.host_devices)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cache = compile_cache.enable(c.trainer.compilation_cache_dir,
+                                         on=c.trainer.compilation_cache)
+        for warning in caught:
+            err_console.print(f"[yellow]warning:[/] {warning.message}")
         members = member_configs(cfg) if c.population.members else None
         datasets = []
         if c.mode == "train":
@@ -128,7 +136,8 @@ def run_job(cfg, err_console) -> int:
     typed = typed if len(typed) <= 5000 else typed[:5000] + " ... (see config.yaml)"
     tags = {**environment_tags(), "experiment": experiment, "overrides": typed,
             "tracking_uri": store.tracking_uri, "launch_dir": str(launch_dir),
-            "hydra.output_dir": hydra_cfg.runtime.output_dir, "mode": c.mode}
+            "hydra.output_dir": hydra_cfg.runtime.output_dir, "mode": c.mode,
+            "compile_cache": str(cache.path) if cache.path else cache.reason}
     if members is not None:
         return _population_job(client, store, experiment_id, experiment_name, cfg, members,
                                datasets, tags=tags, console=console, err_console=err_console)

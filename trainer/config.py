@@ -88,6 +88,9 @@ class TrainerConfig:
     on_nonfinite: str = "stop"         # "stop": end FAILED at the first NaN/inf loss;
                                        # "skip": drop such updates and go on
     progress: bool = True              # show a progress bar on the console
+    compilation_cache: bool = True     # JAX's persistent compilation cache (trainer/compile_cache.py)
+    compilation_cache_dir: Optional[str] = None  # None: $JAX_COMPILATION_CACHE_DIR, else
+                                       # $XDG_CACHE_HOME/trainer/jax (~/.cache/trainer/jax)
 
 
 @dataclass

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import measure, report
+from . import compile_cache, measure, report
 from .checks import GradcheckFailedError, Gradchecker, check_worked_examples
 from .data import Dataset
 from .evaluate import evaluate_test, linear_baseline
@@ -100,8 +100,8 @@ class Run:
       chunk_fn: the compiled chunk of ``steps_per_call`` steps.
       chunk_ends: the step count at the end of each chunk.
       batch_size: rows per step (``data.batch_size``, clamped to the training rows).
-      compute: XLA's figures for one step (``measure.step_analysis``); analysis_s:
-        seconds to compile that step for them.
+      compute: XLA's figures (``measure.step_analysis``); analysis_s: seconds to
+        lower one step for its FLOPs.
     """
 
     members: list
@@ -182,7 +182,7 @@ def build_run(members: list, datasets: list[Dataset], *, loss_fn: Callable | Non
     chunk_fn.compile(state, data)
     t0 = time.perf_counter()
     batch = (data.x_train[:, :batch_size], data.y_train[:, :batch_size])
-    compute = measure.step_analysis(jax.jit(train_step).lower(state, batch).compile())
+    compute = measure.step_analysis(jax.jit(train_step).lower(state, batch), chunk_fn.compiled)
     analysis_s = time.perf_counter() - t0
     num_chunks = -(-num_steps // steps_per_call)
     chunk_ends = [min((c + 1) * steps_per_call, num_steps) for c in range(num_chunks)]
@@ -295,17 +295,22 @@ class RunResult:
       baseline_metrics: the same metrics of the linear baseline on the same split.
       timings: the population's (one program trains every member), seconds unless
         named ``*_per_s``: ``trace_lower_s`` and ``compile_s`` (the chunk's tracing +
-        lowering, and XLA compilation), ``analysis_s`` (compiling one step alone for
-        its cost and memory figures), those of ``measure.chunk_timings``,
-        ``samples_per_s`` (rows per second of this member), ``gradcheck_s`` (all
+        lowering, and XLA compilation, or loading it from the compilation cache),
+        ``analysis_s`` (lowering one step alone for its FLOPs), those of ``measure.chunk_timings``,
+        ``samples_per_s`` (rows per second of this member), ``startup_s`` (from the
+        process's start to the dispatch of the first step: imports, config, store,
+        data, set-up and compilation), ``gradcheck_s`` (all
         gradient checks of all members), ``log_s`` (time the calling thread spent in
         this member's MLflow calls, apart from the step figures) and ``wall_s`` (the
         whole function).
       compute: ``num_compiles`` of the chunk (1 expected, for the whole population),
-        ``flops_per_step`` (XLA cost analysis of one compiled step of the population),
+        ``flops_per_step`` (XLA cost analysis of one lowered step of the population),
         ``flops_per_s``, ``argument_bytes``, ``output_bytes``, ``temp_bytes`` (XLA
-        memory analysis of one step) and, on GPU, ``peak_bytes``; ``members`` and
-        ``devices``: the population's size and the devices it was sharded over.
+        memory analysis of the compiled chunk, the program that runs), on GPU
+        ``peak_bytes``; ``members`` and ``devices``: the population's size and the
+        devices it was sharded over; ``compile_cache_hits`` and
+        ``compile_cache_misses``: this process's compilations so far that found their
+        executable in the persistent cache or compiled it (``compile_cache``).
       gradcheck: the member's gradient-check reports as ``[(step, report)]``;
         ``gradcheck_passed`` is False if any failed (None when none ran).
       num_params: trainable scalars of one member (a shared matrix counts once).
@@ -482,6 +487,7 @@ def _finish(run: Run, state: TrainState, records: list[MemberRecord], checks: li
                "analysis_s": run.analysis_s, **chunk_timings(done_at[0], done_at[1:],
                                                              chunk_steps)}
     timings["samples_per_s"] = timings["steps_per_s"] * run.batch_size
+    timings["startup_s"] = done_at[0] - measure.process_start()
     compute = dict(run.compute, num_compiles=run.chunk_fn.num_compiles,
                    members=len(members), devices=run.layout.num_devices)
     if "flops_per_step" in compute:
@@ -534,6 +540,8 @@ def _finish(run: Run, state: TrainState, records: list[MemberRecord], checks: li
                 gradcheck_passed=check.passed, failed_step=record.failed_step))
             finals.append(final)
     gradcheck_s = sum(c.wall_s for c in checks)
+    cache = compile_cache.counts()  # after the last checks' compilations
+    compute.update(compile_cache_hits=cache["hits"], compile_cache_misses=cache["misses"])
     for tracker, result, final in zip(trackers, results, finals):
         tracker.flush()  # every training point written before the timings are taken
         result.timings.update(gradcheck_s=gradcheck_s, log_s=tracker.log_s,

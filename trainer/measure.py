@@ -3,7 +3,7 @@
 Used by the training loop (one figure set per run) and the benchmark suite.
 Every timer here ends at ``jax.block_until_ready`` (case C10): a jitted call
 returns before its work is done, so timing the call alone measures dispatch.
-Part of the numerical core's helpers: no MLflow, no Hydra, no file I/O.
+Part of the numerical core's helpers: no MLflow, no Hydra, no file I/O beyond reading ``/proc``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -20,7 +21,7 @@ import numpy as np
 
 __all__ = ["TimingStats", "summarize_times", "time_blocked", "compiled_cost", "compiled_memory",
            "device_peak_bytes", "device_info", "abstract_signature", "signature_changes",
-           "CountingCompiler", "chunk_timings", "step_analysis"]
+           "CountingCompiler", "chunk_timings", "step_analysis", "process_start"]
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,8 @@ def compiled_cost(compiled) -> dict[str, float]:
     """FLOPs and bytes that XLA's cost analysis counts for one call of ``compiled``.
 
     Args:
-      compiled: a ``jax.stages.Compiled`` (from ``jax.jit(f).lower(...).compile()``).
+      compiled: a ``jax.stages.Compiled`` (from ``jax.jit(f).lower(...).compile()``) or
+        a ``jax.stages.Lowered`` (the same FLOPs, before XLA's optimisations).
 
     Returns:
       ``{"flops": FLOPs, "transcendentals": count, "bytes_accessed": bytes}``; an
@@ -260,6 +262,24 @@ class CountingCompiler:
         return self.compiled(*args)
 
 
+_IMPORTED_AT = time.perf_counter()
+
+
+def process_start() -> float:
+    """The ``time.perf_counter()`` reading at which this process started.
+
+    On Linux from ``/proc/self/stat`` (start time in clock ticks since boot, 10 ms
+    resolution) against ``CLOCK_BOOTTIME``, so it includes the interpreter's own
+    start and every import; elsewhere the time this module was first imported.
+    """
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        started = int(stat.rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        return time.perf_counter() - (time.clock_gettime(time.CLOCK_BOOTTIME) - started)
+    except (OSError, ValueError, AttributeError, IndexError):
+        return _IMPORTED_AT
+
+
 def chunk_timings(t_start: float, done_at: list[float], chunk_steps: list[int]
                   ) -> dict[str, float]:
     """Step-time figures from the times at which each chunk's results reached the host.
@@ -289,13 +309,21 @@ def chunk_timings(t_start: float, done_at: list[float], chunk_steps: list[int]
             "steps_per_s": steady_steps / steady_s}
 
 
-def step_analysis(compiled) -> dict[str, float]:
-    """FLOPs and buffer bytes of one compiled train step (see ``RunResult.compute``)."""
+def step_analysis(lowered_step, compiled_chunk) -> dict[str, float]:
+    """FLOPs of one train step and buffer bytes of the compiled chunk (``RunResult.compute``).
+
+    Args:
+      lowered_step: ``jax.jit(train_step).lower(state, batch)``: XLA's cost analysis of
+        the lowered step gives the FLOPs a compiled one does (a chunk's ``while`` loop
+        would be counted once, not once per step), without compiling it a second time.
+      compiled_chunk: the compiled chunk, the program that runs: its argument, output
+        and temporary buffers (``compiled_memory``).
+    """
     out: dict[str, float] = {}
-    cost = compiled_cost(compiled)
+    cost = compiled_cost(lowered_step)
     if "flops" in cost:
         out["flops_per_step"] = cost["flops"]
-    memory = compiled_memory(compiled)
+    memory = compiled_memory(compiled_chunk)
     for name in ("argument_bytes", "output_bytes", "temp_bytes"):
         if name in memory:
             out[name] = memory[name]

@@ -68,20 +68,23 @@ def plot_training(history: dict[str, tuple[list[int], list[float]]], path: Path,
     # fixed margins: the constrained layout engine doubled this plot's time (0.5 s -> 0.25 s
     # here), which a population pays once per member
     fig = Figure(figsize=(9, 4), dpi=100)
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.12, top=0.92, wspace=0.28)
+    fig.subplots_adjust(left=0.1, right=0.98, bottom=0.12, top=0.92, wspace=0.28)
     ax_loss, ax_lr = fig.subplots(1, 2, width_ratios=(2, 1))
     for name, label in (("train_loss", "train"), ("val_loss", "validation")):
         if name in history:
             steps, values = history[name]
             ax_loss.plot(steps, values, label=label, marker="o" if len(steps) < 30 else None)
-    ax_loss.set(xlabel="step", ylabel="loss", title=title)
+    ax_loss.set(xlabel="step", ylabel="loss")
+    ax_loss.set_title(title, y=1.0)  # a fixed y: matplotlib's auto placement measures every tick label
     if any(v > 0 for name in ("train_loss", "val_loss") for v in history.get(name, ([], []))[1]):
         ax_loss.set_yscale("log")
+        _plain_log_labels(ax_loss.yaxis)
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
     if "learning_rate" in history:
         ax_lr.plot(*history["learning_rate"], color="tab:green")
-    ax_lr.set(xlabel="step", ylabel="learning rate", title="learning rate")
+    ax_lr.set(xlabel="step", ylabel="learning rate")
+    ax_lr.set_title("learning rate", y=1.0)
     ax_lr.grid(alpha=0.3)
     fig.savefig(path)
     return path
@@ -126,8 +129,9 @@ def plot_gradcheck(reports: list, path: Path, *, rel_tol: float | None = None) -
     if rel_tol is not None:
         ax.axhline(rel_tol, color="tab:red", lw=1, label=f"tolerance {rel_tol:g}")
     ax.set_yscale("log")
-    ax.set(xlabel="step", ylabel="relative error (float64)",
-           title="autodiff vs finite differences, per tensor")
+    _plain_log_labels(ax.yaxis)
+    ax.set(xlabel="step", ylabel="relative error (float64)")
+    ax.set_title("autodiff vs finite differences, per tensor", y=1.0)
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     if tied:
@@ -135,8 +139,8 @@ def plot_gradcheck(reports: list, path: Path, *, rel_tol: float | None = None) -
         for name, label in (("gradcheck/theta_inner_norm", "inner use"),
                             ("gradcheck/theta_outer_norm", "outer use")):
             ax.plot(*series[name], label=label, **markers)
-        ax.set(xlabel="step", ylabel="norm of the term of dL/dΘ",
-               title="tied Θ: the two terms of its gradient")
+        ax.set(xlabel="step", ylabel="norm of the term of dL/dΘ")
+        ax.set_title("tied Θ: the two terms of its gradient", y=1.0)
         ax.grid(alpha=0.3)
         twin = ax.twinx()
         twin.plot(*series["gradcheck/theta_inner_outer_cos"], color="tab:gray", ls=":",
@@ -147,6 +151,28 @@ def plot_gradcheck(reports: list, path: Path, *, rel_tol: float | None = None) -
         ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize="small")
     fig.savefig(path)
     return path
+
+
+_SUPERSCRIPTS = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def _plain_log_labels(axis) -> None:
+    """Label a log axis in plain text (10⁻⁸, 6×10⁻¹). Matplotlib's default formatter
+    typesets every label with mathtext, whose parser was a fifth of a plot's time;
+    which ticks get a label is still matplotlib's ``LogFormatter`` rule."""
+    import math
+
+    from matplotlib.ticker import LogFormatter
+
+    class PlainLogFormatter(LogFormatter):
+        def _num_to_string(self, x, vmin, vmax):
+            exponent = math.floor(math.log10(x) + 1e-9)
+            coeff = round(x / 10.0 ** exponent)
+            power = "10" + str(exponent).translate(_SUPERSCRIPTS)
+            return power if coeff == 1 else f"{coeff}×{power}"
+
+    axis.set_major_formatter(PlainLogFormatter())
+    axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
 
 
 def save_params(params, path: Path) -> Path:
@@ -184,8 +210,12 @@ def print_summary(console, *, result, run_id: str, experiment: str, ui: str,
         table.add_row(name, f"{value:.4f}", "" if base is None else f"{base:.4f}")
     console.print(table)
     t, m = result.timings, result.compute
-    console.print(f"params {result.num_params:,} | trace+lower {t['trace_lower_s']:.2f} s | "
-                  f"compile {t['compile_s']:.2f} s ({m.get('num_compiles', 1)}x) | "
+    hits = m.get("compile_cache_hits")
+    cached = "" if hits is None else (f", cache {int(hits)} hit(s) "
+                                      f"{int(m.get('compile_cache_misses', 0))} miss(es)")
+    console.print(f"params {result.num_params:,} | startup {t.get('startup_s', 0):.2f} s | "
+                  f"trace+lower {t['trace_lower_s']:.2f} s | "
+                  f"compile {t['compile_s']:.2f} s ({m.get('num_compiles', 1)}x{cached}) | "
                   f"first call {t['first_call_s']:.3f} s | {result.device}")
     console.print(f"step {_seconds(t['step_s'])} median, {_seconds(t['step_p90_s'])} p90 | "
                   f"{t['steps_per_s']:,.0f} steps/s | {t['samples_per_s']:,.0f} samples/s"
@@ -195,7 +225,7 @@ def print_summary(console, *, result, run_id: str, experiment: str, ui: str,
         ("argument_bytes", "arguments"), ("output_bytes", "outputs"),
         ("temp_bytes", "temporaries"), ("peak_bytes", "device peak")) if name in m]
     if memory:
-        console.print("step memory: " + ", ".join(memory))
+        console.print("chunk memory: " + ", ".join(memory))
     if result.gradcheck_passed is not None:
         worst = max(r.max_rel_err for _, r in result.gradcheck)
         verdict = "passed" if result.gradcheck_passed else "[bold red]FAILED[/]"

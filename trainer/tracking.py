@@ -188,11 +188,14 @@ class MlflowTracker:
     """Writes one run. Every value is a plain Python number or string (case C08).
 
     Metric points are buffered and sent in batches of up to ``METRICS_PER_BATCH``
-    at most every ``send_every_s`` seconds, through MLflow's asynchronous logging
-    (``log_batch(..., synchronous=False)``): MLflow's worker thread writes them
-    while training goes on (case C09). Each write to a SQLite store costs
-    milliseconds whatever its size, so batching by time keeps that cost off the
-    device's critical path. ``flush`` sends the rest and waits for all of it.
+    at most every ``send_every_s`` seconds, by one writer thread per process
+    (``_writer``: plain synchronous ``log_batch`` calls, in order) while training
+    goes on (case C09). Each write to a SQLite store costs milliseconds whatever
+    its size, so batching by time keeps that cost off the device's critical path.
+    ``flush`` sends the rest and waits for all of it. Not MLflow's own
+    ``synchronous=False`` queue: its thread polls with a 1 s timeout, and ending a
+    run waits for that poll (``set_terminated`` stops the queue), a second lost at
+    the end of every run.
 
     Attributes:
       run_id: the run's id.
@@ -260,17 +263,17 @@ class MlflowTracker:
         with self._timed():
             buffer, self._buffer = self._buffer, []
             for i in range(0, len(buffer), METRICS_PER_BATCH):
-                self._pending.append(self.client.log_batch(
-                    self.run_id, metrics=buffer[i:i + METRICS_PER_BATCH], synchronous=False))
+                self._pending.append(_writer().submit(
+                    self.client.log_batch, self.run_id, metrics=buffer[i:i + METRICS_PER_BATCH]))
             self._last_send = time.perf_counter()
             # Settle finished batches now (raising a failed write's error) so the list
             # stays short on long runs.
             still = []
-            for operation in self._pending:
-                if _done(operation):
-                    operation.wait()
+            for future in self._pending:
+                if future.done():
+                    future.result()
                 else:
-                    still.append(operation)
+                    still.append(future)
             self._pending = still
 
     def flush(self) -> None:
@@ -278,8 +281,8 @@ class MlflowTracker:
         self._send()
         with self._timed():
             pending, self._pending = self._pending, []
-            for operation in pending:
-                operation.wait()
+            for future in pending:
+                future.result()
 
     def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None:
         with self._timed():
@@ -338,10 +341,18 @@ def start_run(client, experiment_id: str, *, run_name: str,
                 client.set_terminated(tracker.run_id, status)
 
 
-def _done(operation) -> bool:
-    """Whether an MLflow ``RunOperations`` has completed (its futures are done)."""
-    futures = getattr(operation, "_operation_futures", None)
-    return futures is not None and all(f.done() for f in futures)
+_WRITER = None
+
+
+def _writer():
+    """The process's one metric-writer thread, created on first use; one thread keeps
+    each run's batches in the order they were sent."""
+    global _WRITER
+    if _WRITER is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer-mlflow-writer")
+    return _WRITER
 
 
 def _record_error(tracker: MlflowTracker, message: str, err: BaseException) -> None:
