@@ -2,7 +2,7 @@
 
 Usage: python scripts/bench_sweep.py [--python PATH] [--modes separate,multirun,population]
                                      [--repeats 3] [--multirun-extra "hydra/sweeper=basic"]
-                                     [--warmup 1] [--json PATH] [--keep]
+                                     [--baseline-python PATH] [--warmup 1] [--json PATH] [--keep]
 
 The sweep: ``+experiment=diabetes optim.learning_rate=1e-3,3e-3,1e-2,3e-2 seed=0,1,2,3``
 (4 learning rates x 4 seeds). A sample of a mode is the wall time, in seconds of
@@ -12,13 +12,19 @@ The sweep: ``+experiment=diabetes optim.learning_rate=1e-3,3e-3,1e-2,3e-2 seed=0
   one after another (all 16 share the sample's launch folder, as a user's would);
 - ``multirun``: one ``python -m trainer -m ...`` over the sweep plus ``--multirun-extra``
   (on code with a population sweeper: ``hydra/sweeper=basic``, one in-process job per point);
-- ``population``: the same ``-m`` command with no extra override.
+- ``population``: the same ``-m`` command with no extra override;
+- with ``--baseline-python`` (an interpreter that imports the code from before populations,
+  e.g. a worktree of d01f514 with its own venv): ``separate_before`` and ``multirun_before``,
+  the first two modes run by it (its multirun is one in-process job per point), in the
+  same repeats, so the "before" figures share the session's machine state.
 
 Every sample runs in a fresh temporary launch folder, so it writes a new SQLite store
 (``<launch>/mlruns/mlflow.db``). After timing, every command must have exited 0 and the store
 must hold 16 FINISHED runs (population: at least 16, any parent/child shape), else the script
 exits 1: a figure from failing commands is worthless. Before the repeats, ``--warmup``
-untimed single-point runs fill the page cache and the interpreter's bytecode cache. Modes
+untimed rounds (one single-point run of each interpreter, and one population command) fill
+the page cache, the bytecode caches and the compilation cache (``~/.cache/trainer/jax``,
+shared by runs on the machine, as a user's second sweep would find it). Modes
 alternate within each repeat so slow drifts of a shared machine fall on all of them alike.
 The JSON holds every sample, medians, ratios, versions, the git commit of the ``trainer``
 that the interpreter imports, the host and its load average.
@@ -42,6 +48,7 @@ LEARNING_RATES = ["1e-3", "3e-3", "1e-2", "3e-2"]
 SEEDS = ["0", "1", "2", "3"]
 NUM_POINTS = len(LEARNING_RATES) * len(SEEDS)  # runs one sample must leave FINISHED
 MODES = ["separate", "multirun", "population"]
+BEFORE = {"separate_before": "separate", "multirun_before": "multirun"}  # --baseline-python
 COMMAND_TIMEOUT_S = 3600                        # a hung job fails the benchmark, not the machine
 
 # Runs in the measured interpreter (its own mlflow reads its own store); argv[1] = launch folder.
@@ -59,7 +66,10 @@ print(json.dumps({"python": sys.version.split()[0], "packages": v, "backend": ja
 
 
 def sweep_commands(mode: str, python: str, multirun_extra: list[str]) -> list[list[str]]:
-    """The argv lists one sample of ``mode`` runs, in order."""
+    """The argv lists one sample of ``mode`` runs, in order (``python``: the mode's
+    interpreter; a ``*_before`` mode is its plain mode without extra overrides)."""
+    if mode in BEFORE:
+        return sweep_commands(BEFORE[mode], python, [])
     base = [python, "-m", "trainer"]
     if mode == "separate":
         return [base + ["+experiment=diabetes", f"optim.learning_rate={lr}", f"seed={s}"]
@@ -152,6 +162,8 @@ def main() -> int:
     parser.add_argument("--modes", default=",".join(MODES), help="comma list of " + ",".join(MODES))
     parser.add_argument("--repeats", type=int, default=3, help="samples per mode")
     parser.add_argument("--multirun-extra", default="", help="extra overrides for multirun")
+    parser.add_argument("--baseline-python", help="interpreter of the code before populations: "
+                        "adds modes separate_before and multirun_before")
     parser.add_argument("--warmup", type=int, default=1, help="untimed single-point runs first")
     parser.add_argument("--json", type=Path, help="write samples, medians and versions here")
     parser.add_argument("--keep", action="store_true", help="keep the launch folders")
@@ -160,38 +172,51 @@ def main() -> int:
     if not modes or set(modes) - set(MODES) or args.repeats < 1:
         parser.error(f"--modes must name some of {MODES}; --repeats must be >= 1")
     extra = shlex.split(args.multirun_extra)
+    pythons = {m: args.python for m in modes}
+    if args.baseline_python:
+        modes += list(BEFORE)
+        pythons.update({m: args.baseline_python for m in BEFORE})
 
     info = describe(args.python)
     print(f"{args.python}: trainer {info['git_head']}{' (dirty)' if info['git_dirty'] else ''}, "
           f"jax {info['packages']['jax']} on {info['backend']}, host {info['host']['node']}")
+    if args.baseline_python:
+        info["baseline"] = describe(args.baseline_python)
+        print(f"{args.baseline_python}: trainer {info['baseline']['git_head']} (the before modes)")
     load_before = uptime()
     for _ in range(args.warmup):
-        run_sample(sweep_commands("separate", args.python, extra)[:1], 1, False, args.python, False)
+        for python in dict.fromkeys(pythons.values()):
+            run_sample(sweep_commands("separate", python, extra)[:1], 1, False, python, False)
+        if "population" in modes:
+            run_sample(sweep_commands("population", args.python, extra), NUM_POINTS, True,
+                       args.python, False)
     samples_s: dict[str, list[float]] = {m: [] for m in modes}
     loads: dict[str, list[float]] = {m: [] for m in modes}  # 1-minute load average at each start
     for r in range(args.repeats):
         for mode in modes:
             loads[mode].append(os.getloadavg()[0])
-            wall_s = run_sample(sweep_commands(mode, args.python, extra), NUM_POINTS,
-                                mode == "population", args.python, args.keep)
+            wall_s = run_sample(sweep_commands(mode, pythons[mode], extra), NUM_POINTS,
+                                mode == "population", pythons[mode], args.keep)
             samples_s[mode].append(wall_s)
-            print(f"repeat {r + 1}/{args.repeats} {mode:<10} {wall_s:8.1f} s", flush=True)
+            print(f"repeat {r + 1}/{args.repeats} {mode:<16} {wall_s:8.1f} s", flush=True)
     load_after = uptime()
 
     median_s = {m: statistics.median(v) for m, v in samples_s.items()}
-    pairs = [("separate", "population"), ("multirun", "population"), ("separate", "multirun")]
+    pairs = [("separate", "population"), ("multirun", "population"), ("separate", "multirun"),
+             ("separate_before", "population"), ("multirun_before", "population"),
+             ("separate_before", "separate"), ("multirun_before", "multirun")]
     ratios = {f"{a}/{b}": median_s[a] / median_s[b] for a, b in pairs
               if a in median_s and b in median_s}
-    print(f"\n{'mode':<10} {'n':>3} {'median s':>9} {'min s':>8} {'max s':>8}")
+    print(f"\n{'mode':<16} {'n':>3} {'median s':>9} {'min s':>8} {'max s':>8}")
     for m, v in samples_s.items():
-        print(f"{m:<10} {len(v):>3} {median_s[m]:9.1f} {min(v):8.1f} {max(v):8.1f}")
+        print(f"{m:<16} {len(v):>3} {median_s[m]:9.1f} {min(v):8.1f} {max(v):8.1f}")
     for name, ratio in ratios.items():
         print(f"{name}: {ratio:.2f}x (ratio of medians)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "benchmark": "P6 16-point diabetes sweep, whole-process wall time",
-            "commands": {m: [shlex.join(c) for c in sweep_commands(m, args.python, extra)]
+            "commands": {m: [shlex.join(c) for c in sweep_commands(m, pythons[m], extra)]
                          for m in modes},
             "repeats": args.repeats, "warmup": args.warmup, "samples_s": samples_s,
             "median_s": median_s, "min_s": {m: min(v) for m, v in samples_s.items()},

@@ -80,8 +80,9 @@ class Gradchecker:
                 self._console.print(f"[bold red]gradient check FAILED at step {step}:[/] "
                                     f"{'; '.join(failures)}")
 
-    def log_artifacts(self, folder: Path) -> None:
-        """The reports as ``gradcheck.json`` and their plot as ``gradcheck.png``."""
+    def log_artifacts(self, folder: Path, renderer=None) -> None:
+        """The reports as ``gradcheck.json`` and their plot as ``gradcheck.png`` (drawn
+        by ``renderer``, a ``render.Renderer``, when given; logged at its ``finish``)."""
         if not self.reports:
             return
         import json
@@ -90,8 +91,14 @@ class Gradchecker:
         path.write_text(json.dumps([{"step": step, **result.to_dict()}
                                     for step, result in self.reports], indent=1))
         self._tracker.log_artifact(path)
-        self._tracker.log_artifact(report.plot_gradcheck(self.reports, folder / "gradcheck.png",
-                                                         rel_tol=self._gcfg.rel_tol))
+        # plain (step, metrics) pairs: what the plot reads, and what pickles to a worker
+        points = [(step, result.metrics()) for step, result in self.reports]
+        if renderer is None:
+            self._tracker.log_artifact(report.plot_gradcheck(
+                points, folder / "gradcheck.png", rel_tol=self._gcfg.rel_tol))
+        else:
+            renderer.plot(self._tracker, report.plot_gradcheck, points,
+                          folder / "gradcheck.png", rel_tol=self._gcfg.rel_tol)
 
 
 def check_worked_examples(tracker, console=None) -> list:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import compile_cache, measure, report
+from . import compile_cache, measure, render, report
 from .checks import GradcheckFailedError, Gradchecker, check_worked_examples
 from .data import Dataset
 from .evaluate import evaluate_test, linear_baseline
@@ -363,6 +363,14 @@ def train_population(members: list, datasets: list[Dataset], trackers: list, *,
       ValueError: the loss is not a scalar (case C13).
     """
     wall_start = time.perf_counter()
+    # started first: the plot workers' start-up overlaps the compilation
+    with render.Renderer(workers=1 if len(members) == 1 else None) as renderer:
+        return _train(members, datasets, trackers, renderer, console=console, loss_fn=loss_fn,
+                      workdir=workdir, wall_start=wall_start)
+
+
+def _train(members: list, datasets: list[Dataset], trackers: list, renderer, *, console,
+           loss_fn, workdir, wall_start: float) -> list[RunResult]:
     cfg, tcfg = members[0], members[0].trainer
     device = jax.devices()[0]
     device_name = f"{jax.default_backend()} ({device.device_kind})"
@@ -398,7 +406,7 @@ def train_population(members: list, datasets: list[Dataset], trackers: list, *,
     late = [] if check_first_now or cfg.gradcheck.every_steps == 0 else [(run.state, 0)]
     if run.num_steps in check_after and chunk.end == run.num_steps:
         late.append((chunk.state, run.num_steps))
-    return _finish(run, chunk.state, records, checks, late, done_at, trackers,
+    return _finish(run, chunk.state, records, checks, late, done_at, trackers, renderer,
                    workdir=workdir, device_name=device_name, wall_start=wall_start,
                    console=console)
 
@@ -470,9 +478,10 @@ def _best_loss(records: list[MemberRecord]) -> float:
 
 
 def _finish(run: Run, state: TrainState, records: list[MemberRecord], checks: list,
-            late: list, done_at: list[float], trackers: list, *, workdir, device_name: str,
-            wall_start: float, console) -> list[RunResult]:
-    """After the last chunk: test metrics, baselines, plots, params, late checks, timings."""
+            late: list, done_at: list[float], trackers: list, renderer, *, workdir,
+            device_name: str, wall_start: float, console) -> list[RunResult]:
+    """After the last chunk: test metrics, baselines, plots (drawn by ``renderer``'s
+    workers meanwhile), params, late checks, timings."""
     members, num_steps = run.members, run.num_steps
     first_bad, nonfinite = (np.asarray(v) for v in jax.device_get(
         (state.nonfinite_step, state.nonfinite_count)))
@@ -520,9 +529,9 @@ def _finish(run: Run, state: TrainState, records: list[MemberRecord], checks: li
                 final += [(f"baseline_test_{k}", v, num_steps)
                           for k, v in baselines[cfg.seed].items()]
             final.append(("nonfinite_steps", int(nonfinite[m]), num_steps))
-            tracker.log_artifact(report.plot_training(
-                record.history, folder / "training_curves.png",
-                title=f"{dataset.name}: {cfg.model.kind}"))
+            renderer.plot(tracker, report.plot_training, record.history,
+                          folder / "training_curves.png",
+                          title=f"{dataset.name}: {cfg.model.kind}")
             if record.failed_step is None:
                 tracker.log_artifact(report.save_params(params, folder / "final_params"),
                                      "final_params")
@@ -531,7 +540,7 @@ def _finish(run: Run, state: TrainState, records: list[MemberRecord], checks: li
                     if record.failed_step is None:
                         check(_member(state_at.params, m), step=step)
             finally:  # a failed check (fail_run) keeps its report
-                check.log_artifacts(folder)
+                check.log_artifacts(folder, renderer)
             results.append(RunResult(
                 test_metrics=test, baseline_metrics=baselines.get(cfg.seed, {}),
                 timings=dict(timings), num_params=run.num_params, num_steps=num_steps,
@@ -539,6 +548,7 @@ def _finish(run: Run, state: TrainState, records: list[MemberRecord], checks: li
                 device=device_name, compute=compute, gradcheck=check.reports,
                 gradcheck_passed=check.passed, failed_step=record.failed_step))
             finals.append(final)
+        renderer.finish()
     gradcheck_s = sum(c.wall_s for c in checks)
     cache = compile_cache.counts()  # after the last checks' compilations
     compute.update(compile_cache_hits=cache["hits"], compile_cache_misses=cache["misses"])

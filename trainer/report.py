@@ -95,8 +95,8 @@ def plot_gradcheck(reports: list, path: Path, *, rel_tol: float | None = None) -
     also the norms of Θ's inner-use and outer-use gradient terms and their cosine.
 
     Args:
-      reports: ``[(step, report)]``; each report's ``metrics()`` gives the figures
-        (``gradcheck/<tensor>/rel_err``, ``gradcheck/theta_inner_norm``, ...).
+      reports: ``[(step, metrics)]``, ``metrics`` a report's ``metrics()``: the figures
+        ``gradcheck/<tensor>/rel_err``, ``gradcheck/theta_inner_norm``, ...
       path: where to write the PNG.
       rel_tol: drawn as the pass line when given.
 
@@ -106,8 +106,8 @@ def plot_gradcheck(reports: list, path: Path, *, rel_tol: float | None = None) -
     from matplotlib.figure import Figure
 
     series: dict[str, tuple[list[int], list[float]]] = {}
-    for step, result in reports:
-        for name, value in result.metrics().items():
+    for step, metrics in reports:
+        for name, value in metrics.items():
             steps, values = series.setdefault(name, ([], []))
             steps.append(step)
             values.append(value)
