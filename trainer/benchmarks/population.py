@@ -18,9 +18,13 @@ and sharded over every local device (on CPU the host devices, one per core by
 default), timed over calls of its compiled chunk; figure ``population/p3/ratio`` =
 members x steps/s / the hand-written W2 scan's steps/s. Bar >= 1.6 on 2 cores.
 
-Checks before timing: W1's service and hand-written runs agree (step-0 loss and
-final params: the same full-batch computation); both W2 sides lower their loss; every
-P3 member's loss stays finite and falls.
+Checks before timing: W1's service and hand-written runs agree (the same full-batch
+computation: step-0 loss, last loss, and final params within 1% in L2 norm, not
+elementwise: W1's Θ has flat directions, where one-ulp differences between the two
+float32 programs grow under Adam without changing the loss: after 20 000 steps the
+params differed 0.3% in L2, 0.1 at the worst element, the last losses 8e-6, on this
+machine's XLA CPU build); both W2 sides lower their loss; every P3 member's loss stays
+finite and falls.
 """
 
 from __future__ import annotations
@@ -184,9 +188,13 @@ def run(sizes: Sizes = Sizes(), workdir: Path | None = None, *,
             if name == "W1":  # the same full-batch computation on both sides
                 rec.check_close("W1 step-0 loss: service vs hand-written", s0, h0,
                                 rtol=matmul_tol(1e-5))
-                rec.check_close("W1 final params: service vs hand-written",
-                                jax.tree.leaves(s_params), jax.tree.leaves(h_params),
-                                rtol=matmul_tol(1e-3), atol_scale=matmul_tol(1e-4))
+                rec.check_close("W1 last loss: service vs hand-written", s_last, h_last,
+                                rtol=matmul_tol(1e-4))
+                flat = [np.concatenate([np.ravel(np.asarray(a)) for a in jax.tree.leaves(p)])
+                        for p in (s_params, h_params)]
+                gap = float(np.linalg.norm(flat[0] - flat[1]) / np.linalg.norm(flat[1]))
+                rec.check_true("W1 final params: service vs hand-written", gap <= 1e-2,
+                               f"relative L2 distance {gap:.3g} > 0.01")
             else:
                 rec.check_true(f"{name}: both sides lower the loss", h_last < h0 and s_last < s0,
                                f"hand {h0:.4g} -> {h_last:.4g}, service {s0:.4g} -> {s_last:.4g}")
