@@ -27,6 +27,8 @@ __all__ = ["Store", "resolve_store", "open_store", "get_or_create_experiment", "
 
 PARAMS_PER_BATCH = 100     # MLflow's limit of params in one log_batch call
 METRICS_PER_BATCH = 1000   # MLflow's limit of metrics in one log_batch call
+MAX_PENDING_BATCHES = 4    # per run: a loop that logs faster than the store writes waits here,
+                           # so the backlog (and the wait at the end, or after Ctrl-C) stays small
 
 
 class Terminated(KeyboardInterrupt):
@@ -192,7 +194,11 @@ class MlflowTracker:
     (``_writer``: plain synchronous ``log_batch`` calls, in order) while training
     goes on (case C09). Each write to a SQLite store costs milliseconds whatever
     its size, so batching by time keeps that cost off the device's critical path.
-    ``flush`` sends the rest and waits for all of it. Not MLflow's own
+    ``flush`` sends the rest and waits for all of it. At most
+    ``MAX_PENDING_BATCHES`` batches wait for the writer: a loop that logs faster
+    than the store can write is held back to the store's pace (its ``log_s`` says
+    so) instead of building a backlog that the end of the run would wait for.
+    Not MLflow's own
     ``synchronous=False`` queue: its thread polls with a 1 s timeout, and ending a
     run waits for that poll (``set_terminated`` stops the queue), a second lost at
     the end of every run.
@@ -266,6 +272,9 @@ class MlflowTracker:
                 self._pending.append(_writer().submit(
                     self.client.log_batch, self.run_id, metrics=buffer[i:i + METRICS_PER_BATCH]))
             self._last_send = time.perf_counter()
+            # Back-pressure: when the writer falls behind, wait for the oldest batches.
+            while len(self._pending) > MAX_PENDING_BATCHES:
+                self._pending.pop(0).result()
             # Settle finished batches now (raising a failed write's error) so the list
             # stays short on long runs.
             still = []
