@@ -89,3 +89,33 @@ def test_an_error_leaving_the_block_still_logs_what_was_queued(tmp_path):
 
 def test_default_uses_workers_only_under_the_cli():
     assert render.Renderer()._workers == 0  # pytest's __main__ is not trainer's
+
+
+def test_workers_exit_when_the_run_is_killed(tmp_path):
+    """A SIGKILLed parent leaves no worker behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ("import os, sys, time\n"
+              "from trainer import render\n"
+              "with render.Renderer(workers=1) as r:\n"
+              "    r._pool.submit(render._warm).result()\n"
+              "    print(*[p.pid for p in r._pool._processes.values()], flush=True)\n"
+              "    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    (worker,) = map(int, proc.stdout.readline().split())
+    os.kill(worker, 0)  # alive while its parent is
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stdout.close()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(worker, signal.SIGKILL)
+    raise AssertionError(f"worker {worker} outlived its SIGKILLed parent by 20 s")

@@ -25,6 +25,20 @@ from typing import Callable
 __all__ = ["Renderer"]
 
 
+def _watch_parent(parent_pid: int) -> None:
+    """Worker initializer: exit when the parent is gone (a SIGKILLed run would otherwise
+    leave its idle workers behind, blocked on their queue)."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="trainer-render-watch", daemon=True).start()
+
+
 def _warm() -> None:
     """Import what drawing needs, so a worker is ready before the first plot."""
     import matplotlib.backends.backend_agg  # noqa: F401
@@ -60,7 +74,8 @@ class Renderer:
         if self._workers > 0:
             try:
                 self._pool = ProcessPoolExecutor(
-                    self._workers, mp_context=multiprocessing.get_context("spawn"))
+                    self._workers, mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_watch_parent, initargs=(os.getpid(),))
                 for _ in range(self._workers):
                     self._pool.submit(_warm)
             except (OSError, RuntimeError):  # no processes here: draw in this one
