@@ -88,7 +88,8 @@ def test_an_error_leaving_the_block_still_logs_what_was_queued(tmp_path):
 
 
 def test_default_uses_workers_only_under_the_cli():
-    assert render.Renderer()._workers == 0  # pytest's __main__ is not trainer's
+    assert render.default_workers() == 0  # pytest's __main__ is not trainer's
+    assert render.Renderer()._workers == 0
 
 
 def test_workers_exit_when_the_run_is_killed(tmp_path):

@@ -80,9 +80,9 @@ class Gradchecker:
                 self._console.print(f"[bold red]gradient check FAILED at step {step}:[/] "
                                     f"{'; '.join(failures)}")
 
-    def log_artifacts(self, folder: Path, renderer=None) -> None:
-        """The reports as ``gradcheck.json`` and their plot as ``gradcheck.png`` (drawn
-        by ``renderer``, a ``render.Renderer``, when given; logged at its ``finish``)."""
+    def log_artifacts(self, folder: Path, renderer) -> None:
+        """The reports as ``gradcheck.json``, and their plot ``gradcheck.png`` queued on
+        ``renderer`` (a ``render.Renderer``; logged at its ``finish``)."""
         if not self.reports:
             return
         import json
@@ -93,12 +93,8 @@ class Gradchecker:
         self._tracker.log_artifact(path)
         # plain (step, metrics) pairs: what the plot reads, and what pickles to a worker
         points = [(step, result.metrics()) for step, result in self.reports]
-        if renderer is None:
-            self._tracker.log_artifact(report.plot_gradcheck(
-                points, folder / "gradcheck.png", rel_tol=self._gcfg.rel_tol))
-        else:
-            renderer.plot(self._tracker, report.plot_gradcheck, points,
-                          folder / "gradcheck.png", rel_tol=self._gcfg.rel_tol)
+        renderer.plot(self._tracker, report.plot_gradcheck, points, folder / "gradcheck.png",
+                      rel_tol=self._gcfg.rel_tol)
 
 
 def check_worked_examples(tracker, console=None) -> list:

@@ -364,7 +364,7 @@ def train_population(members: list, datasets: list[Dataset], trackers: list, *,
     """
     wall_start = time.perf_counter()
     # started first: the plot workers' start-up overlaps the compilation
-    with render.Renderer(workers=1 if len(members) == 1 else None) as renderer:
+    with render.Renderer(min(render.default_workers(), len(members))) as renderer:
         return _train(members, datasets, trackers, renderer, console=console, loss_fn=loss_fn,
                       workdir=workdir, wall_start=wall_start)
 

@@ -22,7 +22,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable
 
-__all__ = ["Renderer"]
+__all__ = ["Renderer", "default_workers"]
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -56,17 +56,12 @@ class Renderer:
     what is queued first (best effort), Ctrl-C or SIGTERM drops it.
 
     Args:
-      workers: processes; 0 draws everything in the calling process, at ``finish``.
-        Default: ``min(2, os.cpu_count())`` under ``python -m trainer``, else 0. A
-        ``spawn`` worker first imports the parent's ``__main__``: the CLI's is
-        guarded, but a user's script that trains without an ``if __name__ ==
-        "__main__"`` guard would start training again in every worker.
+      workers: processes (default ``default_workers()``); 0 draws everything in the
+        calling process, at ``finish``.
     """
 
     def __init__(self, workers: int | None = None):
-        if workers is None:
-            workers = min(2, os.cpu_count() or 1) if _main_is_the_cli() else 0
-        self._workers = workers
+        self._workers = default_workers() if workers is None else workers
         self._pool: ProcessPoolExecutor | None = None
         self._queued: list = []
 
@@ -112,11 +107,17 @@ class Renderer:
             tracker.log_artifact(path, artifact_path)
 
 
-def _main_is_the_cli() -> bool:
+def default_workers() -> int:
+    """``min(2, os.cpu_count())`` under ``python -m trainer``, else 0.
+
+    A ``spawn`` worker first imports the parent's ``__main__``: the CLI's is guarded,
+    but a user's script that trains without an ``if __name__ == "__main__"`` guard
+    would start training again in every worker.
+    """
     import sys
 
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    return getattr(spec, "name", None) == "trainer.__main__"
+    return min(2, os.cpu_count() or 1) if getattr(spec, "name", None) == "trainer.__main__" else 0
 
 
 def _result(future: Future):
