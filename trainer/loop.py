@@ -98,7 +98,8 @@ class Run:
       state: the initial ``TrainState`` (``layout.size`` members), on the devices.
       data: the members' rows (``DeviceData``), on the devices.
       chunk_fn: the compiled chunk of ``steps_per_call`` steps.
-      chunk_ends: the step count at the end of each chunk.
+      chunk_ends: the step count at the end of each chunk still to run.
+      start_step: the step the state is at (0, or a restored checkpoint's step).
       batch_size: rows per step (``data.batch_size``, clamped to the training rows).
       compute: XLA's figures (``measure.step_analysis``); analysis_s: seconds to
         lower one step for its FLOPs.
@@ -118,6 +119,7 @@ class Run:
     num_params: int
     compute: dict[str, float]
     analysis_s: float
+    start_step: int = 0
 
     @property
     def cfg(self):
@@ -132,10 +134,16 @@ def _stack(rows: list) -> Any:
     return jax.tree.map(lambda *xs: np.stack(xs), *rows)
 
 
-def build_run(members: list, datasets: list[Dataset], *, loss_fn: Callable | None = None
-              ) -> Run:
+def build_run(members: list, datasets: list[Dataset], *, loss_fn: Callable | None = None,
+              checkpoints=None) -> Run:
     """Set up a population: models, optimizer, initial state and data on the devices,
     and the chunk compiled once for every member (case C17).
+
+    With ``checkpoints`` (a ``checkpoint.Checkpoints`` holding a checkpoint of the
+    same members), the state is its latest one, restored into the structure of the
+    freshly built state (case C19), and the chunks run on from its step in
+    ``steps_per_call`` steps: a run stopped at a chunk end and continued runs the
+    same chunks as one that was never stopped.
 
     Args:
       members: one ``config.Config`` per member; they may differ only in
@@ -144,7 +152,9 @@ def build_run(members: list, datasets: list[Dataset], *, loss_fn: Callable | Non
       loss_fn: ``(outputs, targets) -> ()``; default MSE or cross-entropy by task.
 
     Raises:
-      ValueError: the loss is not a scalar (case C13).
+      ValueError: the loss is not a scalar (case C13), or the checkpoint does not fit
+        these members.
+      FileNotFoundError: ``checkpoints`` holds none.
     """
     cfg, dataset = members[0], datasets[0]
     layout = member_layout(len(members))
@@ -169,6 +179,9 @@ def build_run(members: list, datasets: list[Dataset], *, loss_fn: Callable | Non
     check_scalar_loss(loss_fn, graphdef, one, dataset.x_train[:batch_size],
                       dataset.y_train[:batch_size])
     state = layout.put(init_train_state(params, optimizer, values, key=keys, active=active))
+    if checkpoints is not None:
+        state, _ = checkpoints.restore(like=state)
+    start = int(jax.device_get(state.step))
     data = layout.put(DeviceData(*(np.stack([getattr(d, name) for d in padded_data])
                                    for name in ("x_train", "y_train", "x_val", "y_val"))))
     steps_per_call = min(cfg.trainer.steps_per_call, num_steps)
@@ -184,13 +197,13 @@ def build_run(members: list, datasets: list[Dataset], *, loss_fn: Callable | Non
     batch = (data.x_train[:, :batch_size], data.y_train[:, :batch_size])
     compute = measure.step_analysis(jax.jit(train_step).lower(state, batch), chunk_fn.compiled)
     analysis_s = time.perf_counter() - t0
-    num_chunks = -(-num_steps // steps_per_call)
-    chunk_ends = [min((c + 1) * steps_per_call, num_steps) for c in range(num_chunks)]
+    chunk_ends = list(range(start + steps_per_call, num_steps, steps_per_call))
+    chunk_ends += [num_steps] if start < num_steps else []
     return Run(members=list(members), datasets=list(datasets), layout=layout,
                graphdef=graphdef, optimizer=optimizer, loss_fn=loss_fn, state=state, data=data,
                chunk_fn=chunk_fn, chunk_ends=chunk_ends,
                batch_size=batch_size, num_params=count_params(one), compute=compute,
-               analysis_s=analysis_s)
+               analysis_s=analysis_s, start_step=start)
 
 
 @dataclass
@@ -227,6 +240,8 @@ def run_chunks(run: Run, done_at: list[float]) -> Iterator[Chunk]:
     last entry is replaced by the time after ``jax.block_until_ready`` on the state.
     """
     state, ends = run.state, run.chunk_ends
+    if not ends:  # restored at or past the last step: nothing to run
+        return
     done_at.append(time.perf_counter())
     pending = run.chunk_fn(state, run.data)
     for c, end in enumerate(ends):
@@ -237,7 +252,7 @@ def run_chunks(run: Run, done_at: list[float]) -> Iterator[Chunk]:
         metrics, first_bad, active = jax.device_get(
             (metrics, state.nonfinite_step, state.active))
         done_at.append(time.perf_counter())
-        start = ends[c - 1] if c else 0
+        start = ends[c - 1] if c else run.start_step
         chunk = Chunk(c, end, end - start, metrics, first_bad, active, state,
                       done_at[-1] - done_at[-2])
         last = c + 1 == len(ends) or not active[:run.layout.num_members].any()
@@ -491,7 +506,7 @@ def _finish(run: Run, state: TrainState, records: list[MemberRecord], checks: li
     outputs = np.asarray(jax.device_get(predict(state.params, x_test)))
     host_params = jax.device_get(state.params)
     baselines: dict[int, dict[str, float]] = {}  # one fit per distinct split
-    chunk_steps = np.diff([0, *run.chunk_ends[:len(done_at) - 1]]).tolist()
+    chunk_steps = np.diff([run.start_step, *run.chunk_ends[:len(done_at) - 1]]).tolist()
     timings = {"trace_lower_s": run.chunk_fn.trace_lower_s, "compile_s": run.chunk_fn.compile_s,
                "analysis_s": run.analysis_s, **chunk_timings(done_at[0], done_at[1:],
                                                              chunk_steps)}

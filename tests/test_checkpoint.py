@@ -1,0 +1,129 @@
+"""Checkpoints (trainer/checkpoint.py): a restored state keeps the optimizer's types and
+continues bit for bit (case C19); the keep policy never deletes the latest checkpoint
+and keeps the best (case C20); a checkpoint of other members is refused."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from trainer.checkpoint import Checkpoints
+from trainer.config import (Config, DataConfig, GradcheckConfig, ModelConfig, OptimConfig,
+                            TrainerConfig)
+from trainer.data import load_dataset
+from trainer.loop import build_run, run_chunks
+
+
+def adam_config(num_steps: int, steps_per_call: int) -> Config:
+    """Adam with a cosine schedule and per-epoch shuffling (batch 32 of ~300 rows)."""
+    return Config(model=ModelConfig(hidden=[8]), data=DataConfig(kind="diabetes", batch_size=32),
+                  optim=OptimConfig(name="adam", learning_rate=1e-2, schedule="cosine"),
+                  trainer=TrainerConfig(num_steps=num_steps, steps_per_call=steps_per_call,
+                                        log_every_steps=1, eval_every_steps=steps_per_call,
+                                        progress=False),
+                  gradcheck=GradcheckConfig(every_steps=0))
+
+
+@pytest.fixture(scope="module")
+def split():
+    return load_dataset(DataConfig(kind="diabetes"), seed=0)
+
+
+def _train(run) -> tuple[list, object]:
+    """Every chunk of ``run``: its per-step train losses ``(steps, M)`` and the last state."""
+    chunks = list(run_chunks(run, []))
+    losses = np.concatenate([c.metrics[0]["train_loss"] for c in chunks])
+    steps = np.concatenate([c.metrics[0]["step"] for c in chunks])
+    return list(zip(steps.tolist(), losses.tolist())), chunks[-1].state
+
+
+def _adam_state(opt_state) -> optax.ScaleByAdamState:
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(
+        x, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState)]
+    assert len(found) == 1, opt_state
+    return found[0]
+
+
+@pytest.mark.parametrize("members", [1, 3])
+def test_C19_restore_keeps_optimizer_types_and_continues_bitwise(split, tmp_path, members):
+    """C19: train 5 steps with adam, checkpoint, resume to step 10. The restored optimizer
+    state is a ``ScaleByAdamState`` with count 5 (not the dicts and lists Orbax gives
+    without a target), and the losses of steps 5-9 and the final params equal those
+    of an uninterrupted 10-step run, bit for bit on CPU; for a population too."""
+    cfg = adam_config(num_steps=10, steps_per_call=5)
+    configs = [dataclasses.replace(cfg, optim=dataclasses.replace(
+        cfg.optim, learning_rate=1e-2 * (m + 1))) for m in range(members)]
+    datasets = [split] * members
+    straight, straight_state = _train(build_run(configs, datasets))
+
+    first = build_run(configs, datasets)
+    chunk = next(run_chunks(first, []))
+    assert chunk.end == 5
+    with Checkpoints(tmp_path / "ckpt") as checkpoints:
+        checkpoints.save(chunk.state, document={"run_id": "abc"}, val_loss=1.0, wait=True)
+    assert (tmp_path / "ckpt" / "5").is_dir()
+
+    with Checkpoints(tmp_path / "ckpt") as checkpoints:
+        resumed_run = build_run(configs, datasets, checkpoints=checkpoints)
+        assert checkpoints.document() == {"run_id": "abc"}
+    assert resumed_run.start_step == 5 and resumed_run.chunk_ends == [10]
+    adam = _adam_state(resumed_run.state.opt_state)
+    assert type(resumed_run.state.opt_state) is type(straight_state.opt_state)
+    assert jax.tree.structure(resumed_run.state) == jax.tree.structure(straight_state)
+    np.testing.assert_array_equal(np.asarray(adam.count), np.full((members,), 5))
+    assert jax.dtypes.issubdtype(resumed_run.state.key.dtype, jax.dtypes.prng_key)
+
+    resumed, resumed_state = _train(resumed_run)
+    assert [s for s, _ in resumed] == list(range(5, 10))
+    assert resumed == straight[5:]  # bitwise: same floats
+    for a, b in zip(jax.tree.leaves(jax.device_get(resumed_state.params)),
+                    jax.tree.leaves(jax.device_get(straight_state.params))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_C20_keeping_the_best_never_deletes_the_latest(split, tmp_path):
+    """C20: checkpoints at steps 1-4, step 4 with the worst validation loss, keeping 2:
+    the latest (4) and the best (2) are kept, and a restore continues from step 4."""
+    cfg = adam_config(num_steps=4, steps_per_call=1)
+    run = build_run([cfg], [split])
+    with Checkpoints(tmp_path / "ckpt", keep=1) as checkpoints:
+        for chunk, val_loss in zip(run_chunks(run, []), [0.5, 0.2, 0.4, 0.9]):
+            checkpoints.save(chunk.state, document={"step": chunk.end}, val_loss=val_loss)
+        checkpoints.wait()
+        assert checkpoints.steps() == [2, 4]
+        assert checkpoints.latest_step() == 4 and checkpoints.best_step() == 2
+        assert checkpoints.document(2) == {"step": 2}
+    with Checkpoints(tmp_path / "ckpt", keep=1) as checkpoints:  # as a resumed process
+        again = build_run([dataclasses.replace(cfg, trainer=dataclasses.replace(
+            cfg.trainer, num_steps=6))], [split], checkpoints=checkpoints)
+        assert again.start_step == 4 and again.chunk_ends == [5, 6]
+        for chunk, val_loss in zip(run_chunks(again, []), [0.8, 0.7]):
+            checkpoints.save(chunk.state, document={"step": chunk.end}, val_loss=val_loss)
+        checkpoints.wait()
+        # the best of the first process survives the second one's saves: its metric
+        # was read back from disk
+        assert checkpoints.steps() == [2, 6] and checkpoints.best_step() == 2
+
+
+def test_a_checkpoint_of_other_members_is_refused(split, tmp_path):
+    """A checkpoint restored into a state of another shape (a wider net) raises, instead
+    of training from arrays that do not belong to it."""
+    cfg = adam_config(num_steps=2, steps_per_call=1)
+    chunk = next(run_chunks(build_run([cfg], [split]), []))
+    with Checkpoints(tmp_path / "ckpt") as checkpoints:
+        checkpoints.save(chunk.state, document={}, val_loss=1.0)
+    wider = dataclasses.replace(cfg, model=ModelConfig(hidden=[16]))
+    with Checkpoints(tmp_path / "ckpt") as checkpoints, pytest.raises(
+        ValueError, match=r"does not fit .* \(saved \[\[1, 8\], .float32.\], expected \[\[1, 16\]"):
+        build_run([wider], [split], checkpoints=checkpoints)
+    with pytest.raises(FileNotFoundError), Checkpoints(tmp_path / "empty") as empty:
+        build_run([cfg], [split], checkpoints=empty)
+
+
+def test_keep_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="keep"):
+        Checkpoints(tmp_path / "x", keep=0)

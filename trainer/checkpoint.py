@@ -1,0 +1,174 @@
+"""Checkpoints of a population's whole training state, with Orbax's ``CheckpointManager``.
+
+A checkpoint holds the ``steps.TrainState`` of every member (params, optimizer
+state with its injected per-member values, the shared step, the shuffling keys,
+the non-finite record and the active mask) and a JSON document of what is needed
+to continue the record (run ids, the resolved config). It is restored ALWAYS
+against the abstract structure of a freshly built state (``restore(like=...)``),
+so an optax ``ScaleByAdamState`` comes back as one, not as the lists and dicts
+Orbax gives without a target (case C19). Nothing read from disk is unpickled or
+executed: arrays go through Orbax's array handlers, the document through JSON.
+
+Which checkpoints are kept: the latest ``keep`` and the one with the lowest
+validation loss, by Orbax's preservation policies; their union never drops the
+latest step (case C20: ``best_fn`` with ``max_to_keep`` alone deletes the newest
+checkpoint when it is not among the best). Part of the numerical core's I/O: no
+Hydra, no MLflow.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from .steps import TrainState
+
+__all__ = ["Checkpoints", "abstract_like", "VAL_METRIC"]
+
+VAL_METRIC = "val_loss"
+
+
+def _saveable(state: TrainState) -> TrainState:
+    # Typed PRNG keys have no array handler in Orbax; their raw uint32 data does.
+    return state._replace(key=jax.random.key_data(state.key))
+
+
+def _layout(tree) -> list[list]:
+    """``[[shape, dtype], ...]`` of the leaves: compared before a restore, because Orbax
+    restoring arrays into other shapes fails deep in its async code."""
+    return [[list(a.shape), str(a.dtype)] for a in jax.tree.leaves(tree)]
+
+
+def abstract_like(state: TrainState) -> TrainState:
+    """The saved form of ``state`` as ``jax.ShapeDtypeStruct`` leaves, with each
+    leaf's sharding: what ``Checkpoints.restore`` restores into."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                        _saveable(state))
+
+
+class Checkpoints:
+    """The checkpoints of one training (a lone run or one population job) in ``directory``.
+
+    Args:
+      directory: the folder, one subfolder per saved step (created if missing).
+      keep: how many of the latest checkpoints to keep, besides the best one (>= 1).
+      async_save: write in Orbax's background thread; an error of such a write
+        surfaces at the next ``save``, ``wait`` or ``close``.
+
+    Raises:
+      ValueError: ``keep`` < 1.
+    """
+
+    def __init__(self, directory: Path, *, keep: int = 2, async_save: bool = True):
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        import orbax.checkpoint as ocp
+        from orbax.checkpoint import checkpoint_managers as policies
+
+        self.directory = Path(directory).resolve()
+        # BestN keeps the n LAST after sorting, so reverse=True keeps the lowest loss.
+        policy = policies.AnyPreservationPolicy([
+            policies.LatestN(n=keep),
+            policies.BestN(get_metric_fn=lambda m: m[VAL_METRIC], reverse=True, n=1,
+                           keep_checkpoints_without_metrics=False)])
+        self._ocp = ocp
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(
+                preservation_policy=policy, enable_async_checkpointing=async_save,
+                create=True,
+                # best_fn only makes Orbax write each step's metrics to disk: without
+                # them a reopened manager sees none, and BestN would drop the best.
+                best_fn=lambda m: m[VAL_METRIC], best_mode="min"))
+
+    def save(self, state: TrainState, *, document: dict[str, Any], val_loss: float,
+             wait: bool = False) -> int:
+        """Save ``state`` at its step, with ``document`` (JSON-serialisable) beside it.
+
+        Args:
+          val_loss: ranks the checkpoint for the best one; a non-finite value ranks last.
+          wait: block until it is on disk (before a signal ends the process).
+
+        Returns:
+          the step saved.
+        """
+        ocp = self._ocp
+        step = int(jax.device_get(state.step))
+        val = float(val_loss) if math.isfinite(val_loss) else math.inf
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_saveable(state)), document=ocp.args.JsonSave(document),
+            layout=ocp.args.JsonSave(_layout(_saveable(state)))),
+            metrics={VAL_METRIC: val}, force=True)
+        if wait:
+            self._manager.wait_until_finished()
+        return step
+
+    def steps(self) -> list[int]:
+        """The steps kept on disk, ascending."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The kept step with the lowest validation loss (the latest among equals)."""
+        scored = [(self._manager.metrics(s) or {}).get(VAL_METRIC, math.inf) for s in
+                  self.steps()]
+        ranked = [(v, -s) for v, s in zip(scored, self.steps())]
+        return -min(ranked)[1] if ranked else None
+
+    def document(self, step: int | None = None) -> dict[str, Any]:
+        """The JSON document saved with ``step`` (default: the latest)."""
+        ocp = self._ocp
+        step = self.latest_step() if step is None else step
+        return dict(self._manager.restore(step, args=ocp.args.Composite(
+            document=ocp.args.JsonRestore())).document)
+
+    def restore(self, like: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
+        """The state saved at ``step`` (default: the latest), in the structure, types,
+        dtypes and shardings of ``like`` (a freshly built state of the same config).
+
+        Raises:
+          FileNotFoundError: no checkpoint in the folder.
+          ValueError: the saved arrays do not fit ``like`` (another model or population).
+        """
+        ocp = self._ocp
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        target = abstract_like(like)
+        saved = self._manager.restore(step, args=ocp.args.Composite(
+            layout=ocp.args.JsonRestore())).layout
+        expected = _layout(target)
+        if saved != expected:
+            diff = next((i for i, (a, b) in enumerate(zip(saved, expected)) if a != b),
+                        min(len(saved), len(expected)))
+            raise ValueError(
+                f"the checkpoint at step {step} in {self.directory} does not fit this "
+                f"config's training state: {len(saved)} arrays saved, {len(expected)} "
+                f"expected, the first difference at array {diff} (saved "
+                f"{saved[diff] if diff < len(saved) else 'nothing'}, expected "
+                f"{expected[diff] if diff < len(expected) else 'nothing'}); was the "
+                "model, optimizer or population changed?")
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target),
+            document=ocp.args.JsonRestore()))
+        state = restored.state
+        key = jax.random.wrap_key_data(state.key, impl=jax.random.key_impl(like.key))
+        return state._replace(key=key), dict(restored.document)
+
+    def wait(self) -> None:
+        """Block until every save has reached the disk; raise a failed write's error."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> "Checkpoints":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
