@@ -97,9 +97,10 @@ class Checkpoints:
         ocp = self._ocp
         step = int(jax.device_get(state.step))
         val = float(val_loss) if math.isfinite(val_loss) else math.inf
+        tree = _saveable(state)
         self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_saveable(state)), document=ocp.args.JsonSave(document),
-            layout=ocp.args.JsonSave(_layout(_saveable(state)))),
+            state=ocp.args.StandardSave(tree), document=ocp.args.JsonSave(document),
+            layout=ocp.args.JsonSave(_layout(tree))),
             metrics={VAL_METRIC: val}, force=True)
         if wait:
             self._manager.wait_until_finished()
@@ -114,10 +115,10 @@ class Checkpoints:
 
     def best_step(self) -> int | None:
         """The kept step with the lowest validation loss (the latest among equals)."""
-        scored = [(self._manager.metrics(s) or {}).get(VAL_METRIC, math.inf) for s in
-                  self.steps()]
-        ranked = [(v, -s) for v, s in zip(scored, self.steps())]
-        return -min(ranked)[1] if ranked else None
+        def rank(step: int) -> tuple[float, int]:
+            return (self._manager.metrics(step) or {}).get(VAL_METRIC, math.inf), -step
+
+        return min(self.steps(), key=rank, default=None)
 
     def document(self, step: int | None = None) -> dict[str, Any]:
         """The JSON document saved with ``step`` (default: the latest)."""

@@ -179,9 +179,10 @@ def build_run(members: list, datasets: list[Dataset], *, loss_fn: Callable | Non
     check_scalar_loss(loss_fn, graphdef, one, dataset.x_train[:batch_size],
                       dataset.y_train[:batch_size])
     state = layout.put(init_train_state(params, optimizer, values, key=keys, active=active))
-    if checkpoints is not None:
+    start = 0
+    if checkpoints is not None:  # the only case that needs the step on the host
         state, _ = checkpoints.restore(like=state)
-    start = int(jax.device_get(state.step))
+        start = int(jax.device_get(state.step))
     data = layout.put(DeviceData(*(np.stack([getattr(d, name) for d in padded_data])
                                    for name in ("x_train", "y_train", "x_val", "y_val"))))
     steps_per_call = min(cfg.trainer.steps_per_call, num_steps)
