@@ -74,25 +74,45 @@ def run_job(cfg, err_console) -> int:
     from omegaconf import OmegaConf
     from rich.console import Console
 
-    from .config import ConfigError, member_configs, to_config, validate
+    from .config import ConfigError, member_configs, resume_config, to_config, validate
     from .data import DataError, load_dataset
-    from .loop import GradcheckFailedError, NonFiniteLossError, check_worked_examples, \
-        train_and_evaluate
     from . import compile_cache
     from .population import set_host_devices
-    from .report import print_summary
-    from .tracking import (TrackingError, config_hash, environment_tags, flatten_config,
-                           get_or_create_experiment, open_store, resolve_store, start_run,
-                           ui_command)
+    from .resume import find_resumable_run
+    from .tracking import (TrackingError, environment_tags, get_or_create_experiment,
+                           open_store, resolve_store)
 
     console = Console(highlight=False, soft_wrap=True)
     hydra_cfg = HydraConfig.get()
     launch_dir = Path(hydra_cfg.runtime.cwd)
     experiment = hydra_cfg.runtime.choices.get("experiment") or "default"
     overrides = OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)  # as typed
+    resumed = None
     try:
         validate(cfg)
         c = to_config(cfg)
+        if c.resume is not None:  # the store first: the run holds the config
+            if hydra_cfg.mode.name == "MULTIRUN":
+                raise ConfigError("resume= continues one run; give it without -m (a "
+                                  "population resumes through its parent's id)")
+            store = resolve_store(c.tracking.uri, launch_dir)
+            client = open_store(store)
+            experiment_id = get_or_create_experiment(
+                client, store, c.tracking.experiment_name or experiment)
+            resumed = find_resumable_run(client, experiment_id, c.resume)
+            if resumed.document.get("kind") != "run":
+                raise ConfigError(f"resume={c.resume}: the run is a population's parent; "
+                                  "resuming populations is not supported yet")
+            cfg = resume_config(resumed.document["config"], overrides, cfg,
+                                experiment=resumed.document.get("experiment", experiment))
+            c = to_config(cfg)
+            if resumed.status == "FINISHED" and c.trainer.num_steps <= resumed.step:
+                raise ConfigError(
+                    f"resume={c.resume}: the run FINISHED at step {resumed.step}; to train "
+                    f"it further give a larger trainer.num_steps (e.g. "
+                    f"trainer.num_steps={2 * resumed.step})")
+            launch_dir = Path(resumed.document.get("launch_dir", launch_dir))
+            experiment = resumed.document.get("experiment", experiment)
         # before anything starts JAX's backend: the member axis's host devices
         set_host_devices(c.population.host_devices)
         with warnings.catch_warnings(record=True) as caught:
@@ -118,6 +138,9 @@ def run_job(cfg, err_console) -> int:
         kind = "config" if isinstance(err, ConfigError) else "data"
         err_console.print(f"[bold red]{kind} error:[/] {err}")
         return EXIT_USAGE
+    except TrackingError as err:
+        err_console.print(f"[bold red]tracking error:[/] {err}")
+        return EXIT_FAILED
     if members is not None and c.mode != "train":
         err_console.print("[bold red]config error:[/] population.members needs mode=train")
         return EXIT_USAGE
@@ -131,7 +154,6 @@ def run_job(cfg, err_console) -> int:
         err_console.print(f"[bold red]tracking error:[/] {err}")
         return EXIT_FAILED
     console.print(f"tracking store: {store.tracking_uri}")
-    job = f"-job{hydra_cfg.job.num}" if hydra_cfg.mode.name == "MULTIRUN" else ""
     typed = " ".join(overrides)  # a sweeper's population.members list can be long
     typed = typed if len(typed) <= 5000 else typed[:5000] + " ... (see config.yaml)"
     tags = {**environment_tags(), "experiment": experiment, "overrides": typed,
@@ -141,6 +163,28 @@ def run_job(cfg, err_console) -> int:
     if members is not None:
         return _population_job(client, store, experiment_id, experiment_name, cfg, members,
                                datasets, tags=tags, console=console, err_console=err_console)
+    job = f"-job{hydra_cfg.job.num}" if hydra_cfg.mode.name == "MULTIRUN" else ""
+    return _lone_job(client, store, experiment_id, experiment_name, cfg, dataset, tags=tags,
+                     job=job, experiment=experiment, overrides=overrides, resumed=resumed,
+                     launch_dir=launch_dir, console=console, err_console=err_console)
+
+
+def _lone_job(client, store, experiment_id, experiment_name, cfg, dataset, *, tags, job,
+              experiment, overrides, resumed, launch_dir, console, err_console) -> int:
+    """A lone run (or the worked-examples job): open it, or reopen ``resumed``, and train."""
+    from omegaconf import OmegaConf
+
+    from .checkpoint import CheckpointPlan, periodic_steps
+    from .config import to_config
+    from .loop import GradcheckFailedError, NonFiniteLossError, check_worked_examples, \
+        train_and_evaluate
+    from .report import print_summary
+    from .resume import CHECKPOINT_TAG
+    from .tracking import (TrackingError, config_hash, flatten_config, metric_histories,
+                           resume_run, start_run, ui_command)
+
+    c = to_config(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
     if dataset is not None:
         data = "" if dataset.name == experiment else f"-{dataset.name}"
         run_name = c.tracking.run_name or (f"{experiment}{data}-{c.model.kind}-{c.optim.name}-"
@@ -150,21 +194,48 @@ def run_job(cfg, err_console) -> int:
         run_name = c.tracking.run_name or f"{experiment}-worked-examples{job}"
     tracker = None
     try:
-        with start_run(client, experiment_id, run_name=run_name, tags=tags) as tracker:
-            console.print(f"run {tracker.run_id} ({run_name}) in experiment {experiment_name!r}")
-            resolved = OmegaConf.to_container(cfg, resolve=True)
-            tracker.set_tags({"config_hash": config_hash(resolved)})
-            tracker.log_params(flatten_config(resolved))
+        if resumed is None:
+            opened = start_run(client, experiment_id, run_name=run_name, tags=tags)
+        else:
+            opened = resume_run(client, resumed.run_id, tags={
+                "resumed.overrides": tags["overrides"], "resumed.from_step": str(resumed.step),
+                "resumed.num_steps": str(c.trainer.num_steps)})
+        with opened as tracker:
+            if resumed is None:
+                console.print(f"run {tracker.run_id} ({run_name}) in experiment "
+                              f"{experiment_name!r}")
+                tracker.set_tags({"config_hash": config_hash(resolved)})
+                tracker.log_params(flatten_config(resolved))
+                tracker.log_text(OmegaConf.to_yaml(overrides), "overrides.yaml")
+            else:  # params stay as first logged (MLflow keeps them immutable)
+                console.print(f"run {tracker.run_id} resumed from step {resumed.step} of "
+                              f"{c.trainer.num_steps}, in experiment {experiment_name!r}")
             tracker.log_text(OmegaConf.to_yaml(resolved), "config.yaml")
-            tracker.log_text(OmegaConf.to_yaml(overrides), "overrides.yaml")
             if dataset is None:
                 check_worked_examples(tracker, console)
             else:
-                result = train_and_evaluate(c, dataset, tracker, console=console)
+                plan = None
+                if c.trainer.checkpoints:
+                    directory = store.checkpoint_root / tracker.run_id
+                    plan = CheckpointPlan(
+                        directory=directory, keep=c.trainer.checkpoint_keep,
+                        every_steps=periodic_steps(c.trainer.checkpoint_every_steps,
+                                                   c.trainer.num_steps),
+                        document={"kind": "run", "config": resolved,
+                                  "run_ids": [tracker.run_id], "experiment": experiment,
+                                  "launch_dir": str(launch_dir)},
+                        resume=resumed is not None)
+                    tracker.set_tags({CHECKPOINT_TAG: str(directory)})
+                history = metric_histories(client, tracker.run_id) if resumed else None
+                result = train_and_evaluate(c, dataset, tracker, console=console,
+                                            checkpoint=plan, history=history)
     except KeyboardInterrupt as err:
         closed = f"run {tracker.run_id} ended KILLED" if tracker else "no run was open"
         reason = str(err) or "interrupted (Ctrl-C)"
-        err_console.print(f"[bold red]stopped:[/] {reason}; {closed}")
+        hint = ""
+        if tracker is not None and c.trainer.checkpoints and dataset is not None:
+            hint = f"; continue it with: python -m trainer resume={tracker.run_id}"
+        err_console.print(f"[bold red]stopped:[/] {reason}; {closed}{hint}")
         err.reported = True
         raise
     except NonFiniteLossError as err:

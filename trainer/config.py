@@ -27,7 +27,7 @@ from .optim import OPTIMIZERS, SCHEDULES
 
 __all__ = ["Config", "ModelConfig", "DataConfig", "OptimConfig", "TrainerConfig",
            "TrackingConfig", "GradcheckConfig", "PopulationConfig", "VMAPPABLE_KEYS", "ConfigError", "CONF_DIR", "register_configs", "check_overrides",
-           "validate", "to_config"]
+           "validate", "to_config", "resume_config", "RESUME_MAY_CHANGE"]
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 GROUPS = ("model", "data", "optim", "trainer", "gradcheck", "tracking")
@@ -91,6 +91,16 @@ class TrainerConfig:
     compilation_cache: bool = True     # JAX's persistent compilation cache (trainer/compile_cache.py)
     compilation_cache_dir: Optional[str] = None  # None: $JAX_COMPILATION_CACHE_DIR, else
                                        # $XDG_CACHE_HOME/trainer/jax (~/.cache/trainer/jax)
+    checkpoints: bool = True           # save the training state: at the end, on SIGTERM or
+                                       # Ctrl-C, and periodically (below); false: none, and
+                                       # such a run cannot be resumed
+    checkpoint_every_steps: Optional[int] = None  # periodic saves at the first chunk end at
+                                       # or after each multiple of N (in the background,
+                                       # latest wins: trainer/checkpoint.py); 0: none;
+                                       # None: num_steps // 10 for runs of 10000 steps or
+                                       # more, none for shorter ones
+    checkpoint_keep: int = 2           # latest checkpoints kept (the best by validation
+                                       # loss is kept besides them)
 
 
 @dataclass
@@ -148,6 +158,10 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     population: PopulationConfig = field(default_factory=PopulationConfig)
     seed: int = 0                      # PRNG seed: init, split, shuffling, gradient-check draws
+    resume: Optional[str] = None       # a run id (a lone run or a population's parent), or
+                                       # "latest" (the newest resumable run of the experiment):
+                                       # continue it from its latest checkpoint, in the same
+                                       # MLflow run; only trainer.num_steps may grow
     mode: str = "train"                # "train", or "gradcheck": the worked derivative examples
 
 
@@ -360,8 +374,13 @@ def validate(cfg: DictConfig) -> None:
                           "number of steps, or null (before and after training)")
     for key in ("probe_batch_size", "rel_tol", "max_elements", "num_directions"):
         _positive(f"gradcheck.{key}", getattr(g, key))
+    if c.trainer.checkpoint_every_steps is not None and c.trainer.checkpoint_every_steps < 0:
+        raise ConfigError(f"trainer.checkpoint_every_steps={c.trainer.checkpoint_every_steps}: "
+                          "use 0 (no periodic saves), a positive number of steps, or null "
+                          "(a tenth of the run for runs of 10000 steps or more)")
     for key in ("trainer.num_steps", "trainer.steps_per_call", "trainer.log_every_steps",
-                "trainer.eval_every_steps", "data.batch_size", "model.width", "data.seed_width"):
+                "trainer.eval_every_steps", "trainer.checkpoint_keep", "data.batch_size",
+                "model.width", "data.seed_width"):
         group, name = key.split(".")
         _positive(key, getattr(getattr(c, group), name))
     if not c.model.hidden or any(h <= 0 for h in c.model.hidden):
@@ -474,3 +493,89 @@ def _is_schema_key(key: str) -> bool:
     except ConfigError:
         return False
     return True
+
+
+# --- resuming a run ----------------------------------------------------------------------
+
+# What a resumed run may change: how long it trains (only longer) and nothing it computes.
+RESUME_MAY_CHANGE = ("resume", "trainer.num_steps", "tracking.uri", "trainer.progress",
+                     "trainer.compilation_cache", "trainer.compilation_cache_dir")
+
+
+def resume_config(stored: dict, overrides: list[str], composed: DictConfig, *,
+                  experiment: str) -> DictConfig:
+    """The config of a resumed run: the run's stored resolved config, with a larger
+    ``trainer.num_steps`` if one is given (case C21).
+
+    What the command typed is compared with the run: each ``key=value`` with the
+    run's value, each group choice (``optim=sgd``) by the values it gives that group,
+    ``+experiment=NAME`` with the run's experiment. So the run's own command with
+    ``resume=ID`` appended passes, and so does ``resume=ID`` alone. Any difference
+    outside ``RESUME_MAY_CHANGE`` is refused, naming every such key, and the step
+    count may only grow.
+
+    Args:
+      stored: the run's resolved config as saved with its checkpoints.
+      overrides: the command-line overrides as typed.
+      composed: the config Hydra composed from them.
+      experiment: the run's experiment (the ``+experiment`` it was started with).
+
+    Raises:
+      ConfigError: naming the changed keys, or the step count that shrank.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    base = OmegaConf.merge(OmegaConf.structured(Config), stored)
+    old = OmegaConf.to_container(base, resolve=True)
+    new = OmegaConf.to_container(composed, resolve=True)
+    changed = []
+    for ov in OverridesParser.create().parse_overrides(overrides):
+        key = ov.key_or_group
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")):
+            continue
+        if key == "experiment":
+            if ov.value() != experiment:
+                changed.append(f"+experiment (the run's is {experiment!r})")
+            continue
+        parts = key.split(".")
+        a, b = _select(new, parts), _select(old, parts)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_keys(a, b, key + ".")
+        elif a != b:
+            changed.append(key)
+    changed = sorted({k for k in changed if k not in RESUME_MAY_CHANGE})
+    if changed:
+        raise ConfigError(
+            f"a resumed run trains the config it was started with; these keys differ from "
+            f"it: {', '.join(changed)}. Only trainer.num_steps may change (to continue "
+            "longer); drop the other overrides, or start a new run without resume=")
+    old_steps, new_steps = old["trainer"]["num_steps"], _select(
+        new, ["trainer", "num_steps"]) if any(o.startswith("trainer.num_steps=")
+                                               for o in overrides) else old["trainer"]["num_steps"]
+    if new_steps < old_steps:
+        raise ConfigError(f"trainer.num_steps={new_steps}: the run was set to {old_steps} "
+                          "steps; a resumed run can only train as long or longer")
+    with open_dict(base):
+        base.trainer.num_steps = new_steps
+        base.resume = new.get("resume")
+    return base
+
+
+def _select(tree: dict, parts: list[str]):
+    for part in parts:
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _changed_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _changed_keys(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}")
+    return out

@@ -13,6 +13,8 @@ is any object with the methods of ``tracking.MlflowTracker``, one per member.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import compile_cache, measure, render, report
+from . import compile_cache, measure, render, report, signals
+from .checkpoint import CheckpointPlan, Checkpoints, Saver
 from .checks import GradcheckFailedError, Gradchecker, check_worked_examples
 from .data import Dataset
 from .evaluate import evaluate_test, linear_baseline
@@ -269,15 +272,21 @@ class MemberRecord:
     """What one member's run records between chunks: its curve points (through its
     tracker, in batches), a host copy of them, and where it stopped.
 
+    A resumed run passes the points its run already holds as ``history``: a point at
+    or before the last logged step of its metric is not logged again (after a
+    SIGKILL the chunks after the last checkpoint were logged once already; case C21).
+
     Attributes:
       history: ``{name: (steps, values)}`` as logged.
       failed_step: with ``on_nonfinite="stop"``, the member's first non-finite step.
     """
 
-    def __init__(self, index: int, tracker, *, log_every_steps: int, stop_on_nonfinite: bool):
+    def __init__(self, index: int, tracker, *, log_every_steps: int, stop_on_nonfinite: bool,
+                 history: dict[str, tuple[list[int], list[float]]] | None = None):
         self.index, self.tracker = index, tracker
         self._every, self._stop = log_every_steps, stop_on_nonfinite
-        self.history: dict[str, tuple[list[int], list[float]]] = {}
+        self.history = {k: (list(s), list(v)) for k, (s, v) in (history or {}).items()}
+        self._logged_through = {k: max(s) for k, (s, _) in self.history.items() if s}
         self.failed_step: int | None = None
 
     def __call__(self, chunk: Chunk) -> None:
@@ -287,6 +296,8 @@ class MemberRecord:
         stop_before = first_bad if first_bad >= 0 and self._stop else None
         points = chunk_points(chunk.metrics, self.index, log_every_steps=self._every,
                               stop_before=stop_before)
+        if self._logged_through:
+            points = [p for p in points if p[2] > self._logged_through.get(p[0], -1)]
         self.tracker.log_metrics(points)
         for name, value, step in points:
             steps, values = self.history.setdefault(name, ([], []))
@@ -355,7 +366,8 @@ class RunResult:
 
 def train_population(members: list, datasets: list[Dataset], trackers: list, *,
                      console=None, loss_fn: Callable | None = None,
-                     workdir: Path | None = None) -> list[RunResult]:
+                     workdir: Path | None = None, checkpoint: CheckpointPlan | None = None,
+                     histories: list[dict] | None = None) -> list[RunResult]:
     """Train every member as one compiled program and record each with its tracker.
 
     Args:
@@ -368,6 +380,14 @@ def train_population(members: list, datasets: list[Dataset], trackers: list, *,
       console: a ``rich.console.Console`` for progress and messages, or None.
       loss_fn: ``(outputs, targets) -> ()`` loss; default MSE or cross-entropy by task.
       workdir: folder for artifacts before upload (a temporary folder if None).
+      checkpoint: where and when to save the state (``checkpoint.CheckpointPlan``), and
+        whether to continue from the latest checkpoint there; None: no checkpoints.
+        Saves run in a background thread (``checkpoint.Saver``); the end of training
+        saves too, and so does a Ctrl-C or SIGTERM (``KeyboardInterrupt``): the state
+        after the last chunk whose points were logged, written before the exception
+        goes on, so a stopped run loses at most the chunk in flight.
+      histories: with ``checkpoint.resume``, each member's points already in its run
+        (``{name: (steps, values)}``): none of them is logged again.
 
     Returns:
       one ``RunResult`` per member. A member that stopped at a non-finite loss
@@ -380,17 +400,46 @@ def train_population(members: list, datasets: list[Dataset], trackers: list, *,
     """
     wall_start = time.perf_counter()
     # started first: the plot workers' start-up overlaps the compilation
-    with render.Renderer(min(render.default_workers(), len(members))) as renderer:
-        return _train(members, datasets, trackers, renderer, console=console, loss_fn=loss_fn,
-                      workdir=workdir, wall_start=wall_start)
+    with render.Renderer(min(render.default_workers(), len(members))) as renderer, \
+            _saver(checkpoint) as saver:
+        return _train(members, datasets, trackers, renderer, saver, checkpoint,
+                      console=console, loss_fn=loss_fn, workdir=workdir,
+                      wall_start=wall_start, histories=histories or [None] * len(members))
 
 
-def _train(members: list, datasets: list[Dataset], trackers: list, renderer, *, console,
-           loss_fn, workdir, wall_start: float) -> list[RunResult]:
+@contextlib.contextmanager
+def _saver(plan: CheckpointPlan | None) -> Iterator[Saver | None]:
+    """A ``Saver`` for ``plan`` (None for none), closed (pending writes done) at the end."""
+    if plan is None:
+        yield None
+        return
+    saver = Saver(Checkpoints(plan.directory, keep=plan.keep, async_save=False))
+    try:
+        yield saver
+    finally:
+        saver.close()
+
+
+def _val_rank(chunk: Chunk, members: int, last: float) -> float:
+    """The validation loss a checkpoint after ``chunk`` is ranked by: the mean over the
+    population's members of their last validation loss in the chunk (``last`` when the
+    chunk evaluated none); +inf when it is not finite."""
+    evals = chunk.metrics[1]
+    done = np.flatnonzero(evals["evaluated"])
+    if not done.size:
+        return last
+    value = float(np.mean(evals["val_loss"][done[-1], :members]))
+    return value if np.isfinite(value) else math.inf
+
+
+def _train(members: list, datasets: list[Dataset], trackers: list, renderer, saver,
+           plan: CheckpointPlan | None, *, console, loss_fn, workdir, wall_start: float,
+           histories: list) -> list[RunResult]:
     cfg, tcfg = members[0], members[0].trainer
     device = jax.devices()[0]
     device_name = f"{jax.default_backend()} ({device.device_kind})"
-    run = build_run(members, datasets, loss_fn=loss_fn)
+    run = build_run(members, datasets, loss_fn=loss_fn,
+                    checkpoints=saver.checkpoints if plan and plan.resume else None)
     checks = [Gradchecker(m.gradcheck, run.graphdef, run.loss_fn, d, t, console,
                           key=jax.random.fold_in(jax.random.key(m.seed), GRADCHECK_STREAM))
               for m, d, t in zip(members, datasets, trackers)]
@@ -398,41 +447,62 @@ def _train(members: list, datasets: list[Dataset], trackers: list, renderer, *, 
     # Where failing stops the run, the step-0 checks run now, before any step; else after
     # training, beside those of the last step, so the checks' one-off float64 compilation
     # never sits between the compile and the timed steps.
-    check_first_now = cfg.gradcheck.every_steps != 0 and cfg.gradcheck.fail_run
+    check_first = cfg.gradcheck.every_steps != 0 and run.start_step == 0
+    check_first_now = check_first and cfg.gradcheck.fail_run
     if check_first_now:
         for m, check in enumerate(checks):
             check(_member(run.state.params, m), step=0)
     check_after = gradcheck_steps(cfg.gradcheck.every_steps, run.chunk_ends)
     records = [MemberRecord(m, t, log_every_steps=tcfg.log_every_steps,
-                            stop_on_nonfinite=tcfg.on_nonfinite == "stop")
-               for m, t in enumerate(trackers)]
+                            stop_on_nonfinite=tcfg.on_nonfinite == "stop", history=h)
+               for m, (t, h) in enumerate(zip(trackers, histories))]
+    save_after = gradcheck_steps(plan.every_steps, run.chunk_ends) if plan else set()
     done_at: list[float] = []
-    chunk = None
+    chunk, recorded, val = None, None, math.inf
     with report.progress_bar(console, run.num_steps, enabled=tcfg.progress) as progress:
-        for chunk in run_chunks(run, done_at):
-            for record in records:
-                record(chunk)
-            if chunk.index == 0:
-                _print_step0(console, chunk.metrics, len(members))
-            progress(chunk.end, _best_loss(records), chunk.steps / chunk.interval_s)
-            if chunk.end in check_after and chunk.end < run.num_steps:
-                for m, check in enumerate(checks):
-                    if records[m].failed_step is None:
-                        check(_member(chunk.state.params, m), step=chunk.end)
-    late = [] if check_first_now or cfg.gradcheck.every_steps == 0 else [(run.state, 0)]
-    if run.num_steps in check_after and chunk.end == run.num_steps:
+        try:
+            for chunk in run_chunks(run, done_at):
+                for record in records:
+                    record(chunk)
+                val = _val_rank(chunk, len(members), val)
+                if chunk.end in save_after and chunk.end < run.num_steps:
+                    saver.offer(chunk.state, document=plan.document, val_loss=val)
+                if chunk.index == 0 and run.start_step == 0:
+                    _print_step0(console, chunk.metrics, len(members))
+                progress(chunk.end, _best_loss(records), chunk.steps / chunk.interval_s)
+                if chunk.end in check_after and chunk.end < run.num_steps:
+                    for m, check in enumerate(checks):
+                        if records[m].failed_step is None:
+                            check(_member(chunk.state.params, m), step=chunk.end)
+                recorded = chunk
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep what the record holds
+            # the last chunk whose points are all logged: a resumed run logs the rest
+            if saver is not None and recorded is not None:
+                with signals.blocked():
+                    step = saver.save_now(recorded.state, document=plan.document,
+                                          val_loss=val)
+                if console is not None:
+                    console.print(f"checkpoint of step {step} saved in {plan.directory}")
+            raise
+    state = run.state if chunk is None else chunk.state
+    if saver is not None and chunk is not None:  # written while the run finishes
+        saver.offer(state, document=plan.document, val_loss=val)
+    late = [] if check_first_now or not check_first else [(run.state, 0)]
+    if chunk is not None and run.num_steps in check_after and chunk.end == run.num_steps:
         late.append((chunk.state, run.num_steps))
-    return _finish(run, chunk.state, records, checks, late, done_at, trackers, renderer,
+    return _finish(run, state, records, checks, late, done_at, trackers, renderer,
                    workdir=workdir, device_name=device_name, wall_start=wall_start,
-                   console=console)
+                   console=console, saver=saver)
 
 
 def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
-                       loss_fn: Callable | None = None, workdir: Path | None = None) -> RunResult:
+                       loss_fn: Callable | None = None, workdir: Path | None = None,
+                       checkpoint: CheckpointPlan | None = None,
+                       history: dict | None = None) -> RunResult:
     """Train one configured model on ``dataset``: a population of one.
 
-    Args and the record as in ``train_population``, with one config, dataset and
-    tracker.
+    Args and the record as in ``train_population``, with one config, dataset,
+    tracker and (for a resumed run) history.
 
     Raises:
       NonFiniteLossError: a NaN or infinite loss with ``trainer.on_nonfinite=stop``
@@ -440,7 +510,8 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
       GradcheckFailedError, ValueError: as ``train_population``.
     """
     (result,) = train_population([cfg], [dataset], [tracker], console=console,
-                                 loss_fn=loss_fn, workdir=workdir)
+                                 loss_fn=loss_fn, workdir=workdir, checkpoint=checkpoint,
+                                 histories=[history])
     if result.failed_step is not None:
         raise NonFiniteLossError(result.failed_step,
                                  learning_rate_at(cfg, result.failed_step))
@@ -495,7 +566,7 @@ def _best_loss(records: list[MemberRecord]) -> float:
 
 def _finish(run: Run, state: TrainState, records: list[MemberRecord], checks: list,
             late: list, done_at: list[float], trackers: list, renderer, *, workdir,
-            device_name: str, wall_start: float, console) -> list[RunResult]:
+            device_name: str, wall_start: float, console, saver) -> list[RunResult]:
     """After the last chunk: test metrics, baselines, plots (drawn by ``renderer``'s
     workers meanwhile), params, late checks, timings."""
     members, num_steps = run.members, run.num_steps
@@ -566,6 +637,12 @@ def _finish(run: Run, state: TrainState, records: list[MemberRecord], checks: li
             finals.append(final)
         renderer.finish()
     gradcheck_s = sum(c.wall_s for c in checks)
+    if saver is not None:  # the last save was written meanwhile; wait for it
+        t0 = time.perf_counter()
+        saver.close()
+        compute.update(checkpoint_wait_s=time.perf_counter() - t0,
+                       checkpoints_saved=len(saver.saved),
+                       checkpoints_skipped=saver.skipped)
     cache = compile_cache.counts()  # after the last checks' compilations
     compute.update(compile_cache_hits=cache["hits"], compile_cache_misses=cache["misses"])
     for tracker, result, final in zip(trackers, results, finals):

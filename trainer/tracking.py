@@ -21,7 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from . import signals
+
 __all__ = ["Store", "resolve_store", "open_store", "get_or_create_experiment", "start_run",
+           "resume_run", "find_resumable", "metric_histories",
            "MlflowTracker", "Terminated", "TrackingError", "flatten_config", "environment_tags",
            "ui_command"]
 
@@ -49,11 +52,20 @@ class Store:
         the tracking server decide.
       lock_path: file lock serialising creation and migration of a local SQLite
         store (case C05), or None for remote stores.
+      checkpoint_root: local folder of the runs' checkpoints, one subfolder per run
+        id (never by date: a resumed or requeued job finds its own, case C21):
+        ``checkpoints/`` beside a SQLite database, ``<launch dir>/mlruns/checkpoints``
+        for a remote store.
     """
 
     tracking_uri: str
     artifact_root: str | None
     lock_path: Path | None
+    checkpoint_root: Path | None = None
+
+    @property
+    def remote(self) -> bool:
+        return self.lock_path is None
 
 
 def resolve_store(uri: str | None, launch_dir: Path) -> Store:
@@ -68,14 +80,14 @@ def resolve_store(uri: str | None, launch_dir: Path) -> Store:
     if uri is None:
         root = (launch_dir / "mlruns").resolve()
         return Store(f"sqlite:///{root / 'mlflow.db'}", (root / "artifacts").as_uri(),
-                     root / ".mlflow.db.lock")
+                     root / ".mlflow.db.lock", root / "checkpoints")
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
         if not db.is_absolute():
             db = (launch_dir / db).resolve()
         return Store(f"sqlite:///{db}", (db.parent / "artifacts").as_uri(),
-                     db.parent / f".{db.name}.lock")
-    return Store(uri, None, None)
+                     db.parent / f".{db.name}.lock", db.parent / "checkpoints")
+    return Store(uri, None, None, (launch_dir / "mlruns" / "checkpoints").resolve())
 
 
 def open_store(store: Store):
@@ -305,6 +317,16 @@ class MlflowTracker:
             self.client.log_text(self.run_id, text, artifact_file)
 
 
+def _identity() -> dict[str, str]:
+    """Which process has a run open: the host, the pid and its start time (a reused pid
+    is told apart), read by ``_mark_dead_runs_killed``."""
+    identity = {"host": socket.gethostname(), "pid": str(os.getpid())}
+    start = _process_start(os.getpid())
+    if start is not None:
+        identity["pid_start"] = start
+    return identity
+
+
 @contextlib.contextmanager
 def start_run(client, experiment_id: str, *, run_name: str,
               tags: dict[str, str]) -> Iterator[MlflowTracker]:
@@ -317,12 +339,38 @@ def start_run(client, experiment_id: str, *, run_name: str,
     process exits non-zero; what was logged before stays. A tracker whose
     ``end_status`` was set (a population member that diverged) ends with it.
     """
-    identity = {"host": socket.gethostname(), "pid": str(os.getpid())}
-    start = _process_start(os.getpid())
-    if start is not None:
-        identity["pid_start"] = start
-    run = client.create_run(experiment_id, run_name=run_name, tags={**tags, **identity})
-    tracker = MlflowTracker(client, run.info.run_id)
+    run = client.create_run(experiment_id, run_name=run_name, tags={**tags, **_identity()})
+    with _closing(client, run.info.run_id) as tracker:
+        yield tracker
+
+
+@contextlib.contextmanager
+def resume_run(client, run_id: str, *, tags: dict[str, str]) -> Iterator[MlflowTracker]:
+    """Reopen an ended run to continue it (case C21), closed as ``start_run`` closes.
+
+    The run goes back to RUNNING with this process's identity, its tag
+    ``resume_count`` counts the resumes, and the tags of how it ended before
+    (``error``, ``killed_reason``) move to ``previous_end.<n>`` (the status and the
+    reason), so a resumed run that finishes does not read as failed.
+    """
+    run = client.get_run(run_id)
+    old = run.data.tags
+    count = int(old.get("resume_count", "0")) + 1
+    reason = old.get("error") or old.get("killed_reason") or ""
+    tracker = MlflowTracker(client, run_id)
+    tracker.set_tags({**tags, **_identity(), "resume_count": str(count),
+                      f"previous_end.{count}": f"{run.info.status} {reason}".strip()[:4000]})
+    for key in ("error", "killed_reason"):
+        if key in old:
+            client.delete_tag(run_id, key)
+    client.update_run(run_id, status="RUNNING")
+    with _closing(client, run_id) as tracker:
+        yield tracker
+
+
+@contextlib.contextmanager
+def _closing(client, run_id: str) -> Iterator[MlflowTracker]:
+    tracker = MlflowTracker(client, run_id)
 
     def on_sigterm(signum, frame):
         raise Terminated(f"received signal {signal.Signals(signum).name}")
@@ -343,7 +391,7 @@ def start_run(client, experiment_id: str, *, run_name: str,
     finally:
         signal.signal(signal.SIGTERM, previous)
         # A second signal while closing must not leave the run RUNNING.
-        with _signals_blocked():
+        with signals.blocked():
             try:
                 tracker.flush()  # what was logged before a fault stays
             finally:
@@ -368,16 +416,6 @@ def _record_error(tracker: MlflowTracker, message: str, err: BaseException) -> N
     with contextlib.suppress(Exception):
         tracker.set_tags({"error": message[:4000]})
         tracker.log_text("".join(traceback.format_exception(err)), "error.txt")
-
-
-@contextlib.contextmanager
-def _signals_blocked() -> Iterator[None]:
-    sigs = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def flatten_config(tree: dict, prefix: str = "") -> dict[str, str]:
@@ -435,7 +473,7 @@ def config_hash(resolved: dict) -> str:
     import hashlib
     import json
 
-    tree = {k: v for k, v in resolved.items() if k not in ("tracking", "population")}
+    tree = {k: v for k, v in resolved.items() if k not in ("tracking", "population", "resume")}
     return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -465,3 +503,30 @@ def metric_history(client, run_id: str, key: str) -> tuple[list[int], list[float
     """``(steps, values)`` of one metric of one run, in step order."""
     points = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
     return [m.step for m in points], [m.value for m in points]
+
+
+CURVE_METRICS = ("train_loss", "grad_norm", "learning_rate", "val_loss")
+
+
+def metric_histories(client, run_id: str,
+                     keys: Iterable[str] = CURVE_METRICS) -> dict[str, tuple[list[int], list[float]]]:
+    """``{key: (steps, values)}`` of a run's curves, for a resumed run (keys it lacks are
+    left out)."""
+    out = {}
+    for key in keys:
+        steps, values = metric_history(client, run_id, key)
+        if steps:
+            out[key] = (steps, values)
+    return out
+
+
+def find_resumable(client, experiment_id: str) -> str | None:
+    """The newest run of the experiment that can be resumed: a lone run or a population's
+    parent with a checkpoint folder (tag ``checkpoint.dir``); None if there is none."""
+    runs = client.search_runs([experiment_id], max_results=50,
+                              filter_string="tags.`checkpoint.dir` LIKE '%'",
+                              order_by=["attributes.start_time DESC"])
+    for run in runs:
+        if run.data.tags.get("population.role") != "member":
+            return run.info.run_id
+    return None
