@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from trainer.checkpoint import Checkpoints
+from trainer.checkpoint import Checkpoints, _saveable
 from trainer.config import (Config, DataConfig, GradcheckConfig, ModelConfig, OptimConfig,
                             TrainerConfig)
 from trainer.data import load_dataset
@@ -82,6 +82,42 @@ def test_C19_restore_keeps_optimizer_types_and_continues_bitwise(split, tmp_path
     assert resumed == straight[5:]  # bitwise: same floats
     for a, b in zip(jax.tree.leaves(jax.device_get(resumed_state.params)),
                     jax.tree.leaves(jax.device_get(straight_state.params))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_C19_the_early_stopping_record_round_trips(split, tmp_path):
+    """With early stopping on (patience 3), the state also holds each member's best
+    validation loss, its step, its params and the evaluations since: checkpointed at
+    step 60, where the fast member (lowest validation loss after step 39) has had one
+    evaluation without improvement, and resumed, that member stops at the same step
+    (99 = 39 + 3 x 20) and the run ends in the same state, every field bit for bit,
+    as an uninterrupted one; the other member trains on."""
+    base = Config(model=ModelConfig(hidden=[64, 64]),
+                  data=DataConfig(kind="diabetes", batch_size=32),
+                  optim=OptimConfig(name="adam", schedule="constant"),
+                  trainer=TrainerConfig(num_steps=120, steps_per_call=60, log_every_steps=20,
+                                        eval_every_steps=20, patience=3, progress=False),
+                  gradcheck=GradcheckConfig(every_steps=0))
+    configs = [dataclasses.replace(base, optim=dataclasses.replace(base.optim, learning_rate=lr))
+               for lr in (1e-4, 3e-2)]
+    datasets = [split] * 2
+    _, straight_state = _train(build_run(configs, datasets))
+    np.testing.assert_array_equal(np.asarray(straight_state.early_stop_step), [-1, 99])
+    np.testing.assert_array_equal(np.asarray(straight_state.best_step), [119, 39])
+
+    chunk = next(run_chunks(build_run(configs, datasets), []))
+    np.testing.assert_array_equal(np.asarray(chunk.state.evals_since_best), [0, 1])
+    with Checkpoints(tmp_path / "ckpt") as checkpoints:
+        checkpoints.save(chunk.state, document={}, val_loss=1.0, wait=True)
+    with Checkpoints(tmp_path / "ckpt") as checkpoints:
+        resumed_run = build_run(configs, datasets, checkpoints=checkpoints)
+    assert jax.tree.structure(resumed_run.state) == jax.tree.structure(straight_state)
+    for a, b in zip(jax.tree.leaves(jax.device_get(resumed_run.state.best_params)),
+                    jax.tree.leaves(jax.device_get(chunk.state.best_params))):
+        np.testing.assert_array_equal(a, b)
+    _, resumed_state = _train(resumed_run)
+    for a, b in zip(*(jax.tree.leaves(jax.device_get(_saveable(s)))
+                      for s in (resumed_state, straight_state))):
         np.testing.assert_array_equal(a, b)
 
 

@@ -2,7 +2,8 @@
 
 A checkpoint holds the ``steps.TrainState`` of every member (params, optimizer
 state with its injected per-member values, the shared step, the shuffling keys,
-the non-finite record and the active mask) and a JSON document of what is needed
+the non-finite record, the active mask and the early-stopping record: best
+validation loss, its step and params, evaluations since) and a JSON document of what is needed
 to continue the record (run ids, the resolved config). It is restored ALWAYS
 against the abstract structure of a freshly built state (``restore(like=...)``),
 so an optax ``ScaleByAdamState`` comes back as one, not as the lists and dicts

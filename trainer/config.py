@@ -87,6 +87,9 @@ class TrainerConfig:
     eval_every_steps: int = 1000       # validation loss every N steps (and after the last)
     on_nonfinite: str = "stop"         # "stop": end FAILED at the first NaN/inf loss;
                                        # "skip": drop such updates and go on
+    patience: int = 0                  # early stopping: evaluations of the validation loss without
+                                       # an improvement before a member stops (0 = off)
+    min_delta: float = 0.0             # an evaluation improves when val_loss < best - min_delta
     progress: bool = True              # show a progress bar on the console
     compilation_cache: bool = True     # JAX's persistent compilation cache (trainer/compile_cache.py)
     compilation_cache_dir: Optional[str] = None  # None: $JAX_COMPILATION_CACHE_DIR, else
@@ -368,6 +371,11 @@ def validate(cfg: DictConfig) -> None:
     _choice("optim.schedule", c.optim.schedule, SCHEDULES)
     _choice("trainer.on_nonfinite", c.trainer.on_nonfinite, ("stop", "skip"))
     _choice("mode", c.mode, MODES)
+    if c.trainer.patience < 0:
+        raise ConfigError(f"trainer.patience={c.trainer.patience}: must be >= 0 (0: no early "
+                          "stopping; N: stop a member after N evaluations without improvement)")
+    if not c.trainer.min_delta >= 0:  # catches NaN too
+        raise ConfigError(f"trainer.min_delta={c.trainer.min_delta}: must be >= 0")
     g = c.gradcheck
     if g.every_steps is not None and g.every_steps < 0:
         raise ConfigError(f"gradcheck.every_steps={g.every_steps}: use 0 (off), a positive "

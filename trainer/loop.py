@@ -63,7 +63,8 @@ def chunk_points(metrics, member: int = 0, *, log_every_steps: int,
     Train metrics are kept at the steps ``s`` with ``s % log_every_steps == 0`` where
     the member was active; ``val_loss`` wherever it was evaluated. Values are Python
     floats and steps Python ints (case C08). With ``stop_before``, steps from there on
-    are left out.
+    are left out (a member's first non-finite step, or the step after the evaluation
+    that stopped it early).
 
     Args:
       metrics: ``(step_metrics, eval_metrics)`` as returned by the chunk (see
@@ -181,7 +182,9 @@ def build_run(members: list, datasets: list[Dataset], *, loss_fn: Callable | Non
     one = jax.tree.map(lambda a: a[0], params)
     check_scalar_loss(loss_fn, graphdef, one, dataset.x_train[:batch_size],
                       dataset.y_train[:batch_size])
-    state = layout.put(init_train_state(params, optimizer, values, key=keys, active=active))
+    patience = cfg.trainer.patience
+    state = layout.put(init_train_state(params, optimizer, values, key=keys, active=active,
+                                        track_best=patience > 0))
     start = 0
     if checkpoints is not None:  # the only case that needs the step on the host
         state, _ = checkpoints.restore(like=state)
@@ -194,7 +197,8 @@ def build_run(members: list, datasets: list[Dataset], *, loss_fn: Callable | Non
     chunk = make_train_chunk(train_step, graphdef, loss_fn, num_steps=num_steps,
                              steps_per_call=steps_per_call, batch_size=batch_size,
                              eval_every_steps=cfg.trainer.eval_every_steps,
-                             log_every_steps=cfg.trainer.log_every_steps)
+                             log_every_steps=cfg.trainer.log_every_steps,
+                             patience=patience, min_delta=cfg.trainer.min_delta)
     chunk_fn = CountingCompiler(chunk)
     chunk_fn.compile(state, data)
     t0 = time.perf_counter()
@@ -221,6 +225,8 @@ class Chunk:
       active: ``(M,)`` the members still training after it.
       state: the device state after it (not donated: a check may read it).
       interval_s: seconds from the previous chunk's results to this one's.
+      early_stop_step: ``(M,)`` the step after which each member stopped early (its
+        last logged step), or -1 (``TrainState.early_stop_step``).
     """
 
     index: int
@@ -231,6 +237,7 @@ class Chunk:
     active: np.ndarray
     state: TrainState
     interval_s: float
+    early_stop_step: np.ndarray | None = None
 
 
 def run_chunks(run: Run, done_at: list[float]) -> Iterator[Chunk]:
@@ -252,13 +259,13 @@ def run_chunks(run: Run, done_at: list[float]) -> Iterator[Chunk]:
         state, metrics = pending
         if c + 1 < len(ends):
             pending = run.chunk_fn(state, run.data)
-        # one device-to-host transfer per chunk: metrics and the non-finite record
-        metrics, first_bad, active = jax.device_get(
-            (metrics, state.nonfinite_step, state.active))
+        # one device-to-host transfer per chunk: metrics, the non-finite and stop records
+        metrics, first_bad, active, early_stop = jax.device_get(
+            (metrics, state.nonfinite_step, state.active, state.early_stop_step))
         done_at.append(time.perf_counter())
         start = ends[c - 1] if c else run.start_step
         chunk = Chunk(c, end, end - start, metrics, first_bad, active, state,
-                      done_at[-1] - done_at[-2])
+                      done_at[-1] - done_at[-2], early_stop)
         last = c + 1 == len(ends) or not active[:run.layout.num_members].any()
         if last:
             jax.block_until_ready(state)
@@ -279,6 +286,8 @@ class MemberRecord:
     Attributes:
       history: ``{name: (steps, values)}`` as logged.
       failed_step: with ``on_nonfinite="stop"``, the member's first non-finite step.
+      early_stopped_at_step: where early stopping stopped the member (the step of its
+        last evaluation, tag ``early_stopped_at_step``), or None. Not a failure.
     """
 
     def __init__(self, index: int, tracker, *, log_every_steps: int, stop_on_nonfinite: bool,
@@ -288,12 +297,16 @@ class MemberRecord:
         self.history = {k: (list(s), list(v)) for k, (s, v) in (history or {}).items()}
         self._logged_through = {k: max(s) for k, (s, _) in self.history.items() if s}
         self.failed_step: int | None = None
+        self.early_stopped_at_step: int | None = None
 
     def __call__(self, chunk: Chunk) -> None:
-        if self.failed_step is not None:
+        if self.failed_step is not None or self.early_stopped_at_step is not None:
             return
         first_bad = int(chunk.nonfinite_step[self.index])
         stop_before = first_bad if first_bad >= 0 and self._stop else None
+        early = -1 if chunk.early_stop_step is None else int(chunk.early_stop_step[self.index])
+        if early >= 0:  # stopped at an evaluation: keep that evaluation's point, none after
+            stop_before = early + 1 if stop_before is None else min(stop_before, early + 1)
         points = chunk_points(chunk.metrics, self.index, log_every_steps=self._every,
                               stop_before=stop_before)
         if self._logged_through:
@@ -303,7 +316,10 @@ class MemberRecord:
             steps, values = self.history.setdefault(name, ([], []))
             steps.append(step)
             values.append(value)
-        if stop_before is not None:
+        if early >= 0:
+            self.early_stopped_at_step = early
+            self.tracker.set_tags({"early_stopped_at_step": str(early)})
+        elif stop_before is not None:
             self.failed_step = stop_before
             self.tracker.set_tags({"diverged_at_step": str(stop_before)})
 
@@ -344,9 +360,16 @@ class RunResult:
       num_steps: steps run; nonfinite_steps: the member's steps whose update was dropped.
       failed_step: the member's first non-finite step when it stopped there
         (``trainer.on_nonfinite=stop``), else None.
-      history: host copies of the logged curves, ``{name: (steps, values)}``.
-      params: the member's final params (a host pytree).
+      history: host copies of the logged curves, ``{name: (steps, values)}``: every
+        step trained, also after ``best_step``.
+      params: the member's final params (a host pytree); with early stopping
+        (``trainer.patience > 0``) those of ``best_step``, as are ``test_metrics``.
       device: ``"backend (device kind)"``.
+      best_step, best_val_loss: with early stopping, the step after which the lowest
+        validation loss was measured (as logged on the ``val_loss`` curve) and that
+        loss; None without early stopping, or when no evaluation gave a finite loss.
+      early_stopped_at_step: the step after which early stopping stopped the member
+        (its last logged step), or None when it trained to ``num_steps``.
     """
 
     test_metrics: dict[str, float]
@@ -362,6 +385,9 @@ class RunResult:
     gradcheck: list = field(default_factory=list)
     gradcheck_passed: bool | None = None
     failed_step: int | None = None
+    best_step: int | None = None
+    best_val_loss: float | None = None
+    early_stopped_at_step: int | None = None
 
 
 def train_population(members: list, datasets: list[Dataset], trackers: list, *,
@@ -392,7 +418,11 @@ def train_population(members: list, datasets: list[Dataset], trackers: list, *,
     Returns:
       one ``RunResult`` per member. A member that stopped at a non-finite loss
       (``trainer.on_nonfinite=stop``, case C07) has ``failed_step`` set, its points
-      before that step logged, and no test metrics; the others trained on.
+      before that step logged, and no test metrics; the others trained on. With early
+      stopping (``trainer.patience > 0``) a member whose validation loss stopped
+      improving stops at that evaluation (``early_stopped_at_step``, tag of that
+      name), the others train on; every finished member's test metrics, saved params
+      and ``params`` are those of its ``best_step``, logged with ``best_val_loss``.
 
     Raises:
       GradcheckFailedError: a check failed with ``gradcheck.fail_run``.
@@ -568,15 +598,24 @@ def _finish(run: Run, state: TrainState, records: list[MemberRecord], checks: li
             late: list, done_at: list[float], trackers: list, renderer, *, workdir,
             device_name: str, wall_start: float, console, saver) -> list[RunResult]:
     """After the last chunk: test metrics, baselines, plots (drawn by ``renderer``'s
-    workers meanwhile), params, late checks, timings."""
+    workers meanwhile), params, late checks, timings. With early stopping the test
+    metrics and saved params are those of each member's ``best_step`` (its final ones
+    where no evaluation gave a finite loss)."""
     members, num_steps = run.members, run.num_steps
-    first_bad, nonfinite = (np.asarray(v) for v in jax.device_get(
-        (state.nonfinite_step, state.nonfinite_count)))
+    first_bad, nonfinite, best_step, best_val = (np.asarray(v) for v in jax.device_get(
+        (state.nonfinite_step, state.nonfinite_count, state.best_step, state.best_val_loss)))
+    early_stopping = run.cfg.trainer.patience > 0
+    host_params = jax.device_get(state.params)
+    if early_stopping:  # each member's best params, where an evaluation gave one
+        host_best = jax.device_get(state.best_params)
+        host_params = jax.tree.map(
+            lambda b, p: np.where((best_step >= 0).reshape((-1,) + (1,) * (p.ndim - 1)), b, p),
+            host_best, host_params)
     predict = jax.jit(make_predict(run.graphdef))
     x_test = run.layout.put(np.stack(pad_members([d.x_test for d in run.datasets],
                                                  run.layout.size)))
-    outputs = np.asarray(jax.device_get(predict(state.params, x_test)))
-    host_params = jax.device_get(state.params)
+    params_in = run.layout.put(host_params) if early_stopping else state.params
+    outputs = np.asarray(jax.device_get(predict(params_in, x_test)))
     baselines: dict[int, dict[str, float]] = {}  # one fit per distinct split
     chunk_steps = np.diff([run.start_step, *run.chunk_ends[:len(done_at) - 1]]).tolist()
     timings = {"trace_lower_s": run.chunk_fn.trace_lower_s, "compile_s": run.chunk_fn.compile_s,
@@ -616,6 +655,10 @@ def _finish(run: Run, state: TrainState, records: list[MemberRecord], checks: li
                 final += [(f"baseline_test_{k}", v, num_steps)
                           for k, v in baselines[cfg.seed].items()]
             final.append(("nonfinite_steps", int(nonfinite[m]), num_steps))
+            best = early_stopping and record.failed_step is None and best_step[m] >= 0
+            if best:
+                final += [("best_step", int(best_step[m]), num_steps),
+                          ("best_val_loss", float(best_val[m]), num_steps)]
             renderer.plot(tracker, report.plot_training, record.history,
                           folder / "training_curves.png",
                           title=f"{dataset.name}: {cfg.model.kind}")
@@ -633,7 +676,10 @@ def _finish(run: Run, state: TrainState, records: list[MemberRecord], checks: li
                 timings=dict(timings), num_params=run.num_params, num_steps=num_steps,
                 nonfinite_steps=int(nonfinite[m]), history=record.history, params=params,
                 device=device_name, compute=compute, gradcheck=check.reports,
-                gradcheck_passed=check.passed, failed_step=record.failed_step))
+                gradcheck_passed=check.passed, failed_step=record.failed_step,
+                best_step=int(best_step[m]) if best else None,
+                best_val_loss=float(best_val[m]) if best else None,
+                early_stopped_at_step=record.early_stopped_at_step))
             finals.append(final)
         renderer.finish()
     gradcheck_s = sum(c.wall_s for c in checks)

@@ -200,8 +200,13 @@ def print_summary(console, *, result, run_id: str, experiment: str, ui: str,
     """The final table: test metrics beside the linear baseline, timings, run id, UI command."""
     from rich.table import Table
 
-    table = Table(title=f"{experiment}: test metrics after {result.num_steps} steps",
-                  title_justify="left")
+    when = f"after {result.num_steps} steps"
+    if result.best_step is not None:  # early stopping: the params of the best evaluation
+        stopped = ("" if result.early_stopped_at_step is None
+                   else f", stopped early at step {result.early_stopped_at_step}")
+        when = (f"at the best step {result.best_step} (validation loss "
+                f"{result.best_val_loss:.4g}{stopped})")
+    table = Table(title=f"{experiment}: test metrics {when}", title_justify="left")
     table.add_column("metric")
     table.add_column("net", justify="right")
     table.add_column("linear baseline", justify="right")
@@ -366,8 +371,9 @@ def plot_member_curves(curves: dict[str, dict[str, tuple[list[int], list[float]]
 
 
 def print_population(console, results: list, *, tracking_uri: str) -> None:
-    """One line per member trained (final validation loss, test metrics beside the
-    baseline) and the population's timings."""
+    """One line per member trained (final validation loss, or with early stopping the
+    best one, whose params give the test metrics; test metrics beside the baseline) and
+    the population's timings."""
     if not results:
         console.print(f"nothing to train: every point has a FINISHED run in {tracking_uri}")
         return
@@ -379,6 +385,7 @@ def print_population(console, results: list, *, tracking_uri: str) -> None:
         table.add_column(col, justify="right")
     for i, r in enumerate(results):
         val = r.history.get("val_loss", ([], []))[1]
+        val = [r.best_val_loss] if r.best_val_loss is not None else val
         status = f"FAILED at step {r.failed_step}" if r.failed_step is not None else ""
         cells = [f"{r.test_metrics[n]:.4f} ({r.baseline_metrics[n]:.4f})" if n in r.test_metrics
                  else status for n in names]

@@ -49,7 +49,19 @@ class TrainState(NamedTuple):
         was not finite, or -1.
       nonfinite_count: ``(M,)`` int32, how many of a member's steps were not finite.
       active: ``(M,)`` bool, the members still training: False for padding members
-        and, with ``on_nonfinite="stop"``, from a member's first non-finite step on.
+        and, with ``on_nonfinite="stop"``, from a member's first non-finite step on;
+        with early stopping, from the evaluation that stopped it on.
+      best_val_loss: ``(M,)`` float32, each member's lowest finite validation loss so
+        far, or +inf. Early stopping only (``patience > 0``); else never updated.
+      best_step: ``(M,)`` int32, the step after which that evaluation happened (where
+        its ``val_loss`` point is logged: ``best_params`` are the params after
+        ``best_step + 1`` updates), or -1. Early stopping only.
+      evals_since_best: ``(M,)`` int32, evaluations since the last improvement (0 at an
+        improvement). Early stopping only.
+      best_params: the params at ``best_step``, leaves ``(M, ...)`` like ``params``, with
+        early stopping; else ``()`` (nothing stored, nothing copied).
+      early_stop_step: ``(M,)`` int32, the step after which the evaluation that stopped
+        the member early happened (its last logged step), or -1.
     """
 
     step: jax.Array
@@ -59,6 +71,11 @@ class TrainState(NamedTuple):
     nonfinite_step: jax.Array
     nonfinite_count: jax.Array
     active: jax.Array
+    best_val_loss: jax.Array
+    best_step: jax.Array
+    evals_since_best: jax.Array
+    best_params: Any
+    early_stop_step: jax.Array
 
 
 class DeviceData(NamedTuple):
@@ -168,14 +185,25 @@ class MemberState(NamedTuple):
     nonfinite_step: jax.Array
     nonfinite_count: jax.Array
     active: jax.Array
+    best_val_loss: jax.Array
+    best_step: jax.Array
+    evals_since_best: jax.Array
+    best_params: Any
+    early_stop_step: jax.Array
 
 
 def _members(state: TrainState) -> MemberState:
     return MemberState(*state[1:])
 
 
+# The early-stopping record: changed once per evaluation, never by a step.
+_BEST_FIELDS = ("best_val_loss", "best_step", "evals_since_best", "best_params",
+                "early_stop_step")
+
+
 def init_train_state(params, optimizer: Optimizer, values: dict[str, jax.Array], *,
-                     key: jax.Array, active: jax.Array | None = None) -> TrainState:
+                     key: jax.Array, active: jax.Array | None = None,
+                     track_best: bool = False) -> TrainState:
     """Step 0 of a population.
 
     Args:
@@ -184,13 +212,20 @@ def init_train_state(params, optimizer: Optimizer, values: dict[str, jax.Array],
       values: each of ``optimizer.names`` as ``(M,)`` float32, the members' own values.
       key: ``(M,)`` shuffling keys.
       active: ``(M,)`` bool, False for padding members (default: all True).
+      track_best: early stopping is on: ``best_params`` starts as a copy of ``params``
+        (else it is ``()``).
     """
     m = key.shape[0]
     return TrainState(step=jnp.asarray(0, jnp.int32), params=params,
                       opt_state=over_members(optimizer.init)(params, values), key=key,
                       nonfinite_step=jnp.full((m,), -1, jnp.int32),
                       nonfinite_count=jnp.zeros((m,), jnp.int32),
-                      active=jnp.ones((m,), bool) if active is None else jnp.asarray(active))
+                      active=jnp.ones((m,), bool) if active is None else jnp.asarray(active),
+                      best_val_loss=jnp.full((m,), jnp.inf, jnp.float32),
+                      best_step=jnp.full((m,), -1, jnp.int32),
+                      evals_since_best=jnp.zeros((m,), jnp.int32),
+                      best_params=jax.tree.map(jnp.copy, params) if track_best else (),
+                      early_stop_step=jnp.full((m,), -1, jnp.int32))
 
 
 def make_member_step(graphdef, optimizer: Optimizer, loss_fn: LossFn, *,
@@ -240,9 +275,8 @@ def make_member_step(graphdef, optimizer: Optimizer, loss_fn: LossFn, *,
         # place; a stopped member's moments may go non-finite, but it never updates again.
         updates = jax.tree.map(lambda u: jnp.where(apply, u, jnp.zeros_like(u)), updates)
         bad = active & ~finite
-        new_member = MemberState(
+        new_member = member._replace(  # the early-stopping record passes through
             params=optax.apply_updates(params, updates), opt_state=new_opt_state,
-            key=member.key,
             nonfinite_step=jnp.where((member.nonfinite_step < 0) & bad, step,
                                      member.nonfinite_step),
             nonfinite_count=member.nonfinite_count + bad.astype(jnp.int32),
@@ -327,7 +361,7 @@ def _sub_block(block: int, batch_bytes: int) -> int:
 
 def make_train_chunk(train_step, graphdef, loss_fn: LossFn, *, num_steps: int,
                      steps_per_call: int, batch_size: int, eval_every_steps: int,
-                     log_every_steps: int):
+                     log_every_steps: int, patience: int = 0, min_delta: float = 0.0):
     """Build ``train_chunk(state, data) -> (state, (step_metrics, eval_metrics))``:
     ``steps_per_call`` steps of every member in one ``lax.scan``, to be wrapped in
     ``jax.jit``.
@@ -356,8 +390,23 @@ def make_train_chunk(train_step, graphdef, loss_fn: LossFn, *, num_steps: int,
     ``lax.cond`` per block. Steps at or beyond ``num_steps`` (the tail of the last
     chunk) are masked: they change nothing and report ``active = False``.
 
+    Early stopping (``patience > 0``; the state from ``init_train_state(...,
+    track_best=True)``) is decided in the same ``lax.cond``, so it costs nothing per
+    step: the early-stopping fields of ``TrainState`` are not even carried through the
+    steps' loops. At each evaluation of an active member, a finite ``val_loss <
+    best_val_loss - min_delta`` is an improvement (``best_val_loss``, ``best_step`` and
+    ``best_params`` take the evaluation's values, ``evals_since_best`` goes to 0); any
+    other evaluation adds 1 to ``evals_since_best``, and at ``patience`` the member
+    stops: ``active`` turns False (``make_member_step`` masks its updates from then on)
+    and ``early_stop_step`` records the evaluation's step. The evaluation after the
+    last step (``num_steps``) never stops a member: it has finished anyway.
+
     Args:
       train_step: from ``make_train_step`` (its ``member_step`` is used).
+      patience: evaluations without an improvement before a member stops; 0: off
+        (nothing tracked).
+      min_delta: how much lower than the best a validation loss must be to count as an
+        improvement (>= 0).
 
     Returns:
       ``step_metrics``: those of ``make_member_step``, each ``(n_blocks, M)``, plus
@@ -410,19 +459,44 @@ def make_train_chunk(train_step, graphdef, loss_fn: LossFn, *, num_steps: int,
                 carry, _ = lax.scan(lambda c, b: (step_fn(c, b)[0], None), carry, xs)
             return carry, metrics
 
+        def val_loss(params):
+            return loss_fn(nnx.merge(graphdef, params)(data.x_val), data.y_val)
+
+        def track_best(step, m: MemberState):
+            """Evaluate ``m`` after ``step`` steps and update its early-stopping record."""
+            val = val_loss(m.params)
+            improved = m.active & jnp.isfinite(val) & (val < m.best_val_loss - min_delta)
+            evals = jnp.where(improved, 0, m.evals_since_best + m.active.astype(jnp.int32))
+            stop = m.active & (evals >= patience) & (step < num_steps)
+            return val, m._replace(
+                best_val_loss=jnp.where(improved, val, m.best_val_loss),
+                best_step=jnp.where(improved, step - 1, m.best_step),
+                evals_since_best=evals,
+                best_params=jax.tree.map(lambda new, old: jnp.where(improved, new, old),
+                                         m.params, m.best_params),
+                active=m.active & ~stop,
+                early_stop_step=jnp.where(stop, step - 1, m.early_stop_step))
+
         def one_block(carry):
-            start = carry[0]
+            start, m = carry
+            # the steps' loops carry the member without its early-stopping record
+            best = {name: getattr(m, name) for name in _BEST_FIELDS}
+            carry = (start, m._replace(**dict.fromkeys(_BEST_FIELDS, ())))
             carry, metrics = steps(carry, sub, first=True)
             if block > sub:
                 carry, _ = lax.scan(lambda c, _: (steps(c, sub, first=False)[0], None), carry,
                                     None, length=block // sub - 1)
             step, m = carry
+            m = m._replace(**best)
             evaluated = (step > start) & ((step % eval_every_steps == 0) | (step == num_steps))
-            val = lax.cond(evaluated,
-                           lambda: loss_fn(nnx.merge(graphdef, m.params)(data.x_val), data.y_val),
-                           lambda: jnp.asarray(jnp.nan, jnp.float32))
-            return carry, (metrics, {"val_loss": val, "val_step": step - 1,
-                                     "evaluated": evaluated})
+            nan = jnp.asarray(jnp.nan, jnp.float32)
+            if patience:
+                val, m = lax.cond(evaluated, functools.partial(track_best, step),
+                                  lambda m: (nan, m), m)
+            else:
+                val = lax.cond(evaluated, lambda: val_loss(m.params), lambda: nan)
+            return (step, m), (metrics, {"val_loss": val, "val_step": step - 1,
+                                         "evaluated": evaluated})
 
         block_fn = _masked(one_block, num_steps) if ragged and not num_steps % block \
             else one_block

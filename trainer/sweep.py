@@ -147,11 +147,13 @@ def summarize_parent(client, experiment_id: str, parent_run_id: str, *,
 
     Logs to the parent: metrics ``members``, ``failed_members``, ``skipped_members``,
     ``groups``; ``best/val_loss`` and ``best/test_*`` of the best member (lowest final
-    validation loss among FINISHED runs) with its run id and name as tags and its
-    values as params ``best.<key>``; ``final/<metric>/min|median|max`` over FINISHED
-    members; artifacts ``members.csv`` (one row per member), ``sweep_val_loss.png``
-    (final validation loss against each swept key) and ``sweep_curves.png`` (train
-    and validation loss: median and min-max band over members).
+    validation loss among FINISHED runs; with early stopping a member's final model is
+    that of its best step, so its ``best_val_loss`` stands for its ``val_loss``) with
+    its run id and name as tags and its values as params ``best.<key>``;
+    ``final/<metric>/min|median|max`` over FINISHED members; artifacts ``members.csv``
+    (one row per member), ``sweep_val_loss.png`` (final validation loss against each
+    swept key) and ``sweep_curves.png`` (train and validation loss: median and min-max
+    band over members).
 
     Returns:
       the best member's summary row, or None when no member finished.
@@ -171,6 +173,8 @@ def summarize_parent(client, experiment_id: str, parent_run_id: str, *,
                            if k in ("train_loss", "val_loss") or k.startswith(("test_",
                                                                                "baseline_"))},
                "skipped": run in skipped}
+        if "best_val_loss" in run.data.metrics:  # early stopping: the model kept is the best
+            row["metrics"]["val_loss"] = run.data.metrics["best_val_loss"]
         rows.append(row)
     finished = [r for r in rows if r["status"] == "FINISHED" and "val_loss" in r["metrics"]]
     now = int(time.time() * 1000)
