@@ -253,3 +253,37 @@ def test_C21_killed_and_stopped_run_resumes_into_the_same_run(tmp_path):
     assert "error" not in run.data.tags and "killed_reason" not in run.data.tags
     assert_curves_whole(client, run_id, NUM_STEPS, 500)
     assert "test_rmse" in run.data.metrics
+
+
+@pytest.mark.slow
+def test_a_finished_population_is_extended_in_its_own_runs(tmp_path):
+    """``resume=PARENT`` of a finished population asks for more steps; with a larger
+    ``trainer.num_steps`` it reopens the parent and every member run (3 members padded
+    to 4 on 2 host devices, as before), continues each from the final checkpoint with no
+    point logged twice, and summarises the parent again."""
+    members = "population.members=[{seed:0},{seed:1,optim.learning_rate:0.003},{seed:2}]"
+    code, out, err = finish(start_cli(SMOKE, members, cwd=tmp_path))
+    assert code == 0, out + err
+    client = store_client(tmp_path)
+    (parent,) = [r for r in all_runs(client) if r.data.tags["population.role"] == "parent"]
+    parent_id = parent.info.run_id
+    assert parent.data.tags["checkpoint.dir"] == str(tmp_path / "mlruns" / "checkpoints" /
+                                                     parent_id)
+
+    code, out, err = finish(start_cli(f"resume={parent_id}", cwd=tmp_path))
+    assert code == 2 and "larger trainer.num_steps" in err, out + err
+
+    code, out, err = finish(start_cli(f"resume={parent_id}", "trainer.num_steps=120",
+                                      cwd=tmp_path))
+    assert code == 0, out + err
+    assert "3 member runs resumed from step 60 of 120" in out
+    assert "3 members on 2 device(s)" in out
+    runs = all_runs(client)
+    assert len(runs) == 4
+    for run in runs:
+        assert run.info.status == "FINISHED" and run.data.tags["resume_count"] == "1"
+        if run.data.tags["population.role"] == "member":
+            steps = [p.step for p in history(client, run.info.run_id, "train_loss")]
+            assert steps == list(range(0, 120, 10))
+    parent = client.get_run(parent_id)
+    assert parent.data.metrics["members"] == 3 and "best/val_loss" in parent.data.metrics

@@ -10,7 +10,6 @@ any job failed.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import secrets
 import sys
@@ -75,10 +74,10 @@ def run_job(cfg, err_console) -> int:
     from rich.console import Console
 
     from .config import ConfigError, member_configs, resume_config, to_config, validate
-    from .data import DataError, load_dataset
+    from .data import DataError, load_member_datasets
     from . import compile_cache
     from .population import set_host_devices
-    from .resume import find_resumable_run
+    from .resume import HOST_DEVICES_TAG, find_resumable_run
     from .tracking import (TrackingError, environment_tags, get_or_create_experiment,
                            open_store, resolve_store)
 
@@ -95,17 +94,16 @@ def run_job(cfg, err_console) -> int:
             if hydra_cfg.mode.name == "MULTIRUN":
                 raise ConfigError("resume= continues one run; give it without -m (a "
                                   "population resumes through its parent's id)")
-            store = resolve_store(c.tracking.uri, launch_dir)
-            client = open_store(store)
-            experiment_id = get_or_create_experiment(
-                client, store, c.tracking.experiment_name or experiment)
-            resumed = find_resumable_run(client, experiment_id, c.resume)
-            if resumed.document.get("kind") != "run":
-                raise ConfigError(f"resume={c.resume}: the run is a population's parent; "
-                                  "resuming populations is not supported yet")
-            cfg = resume_config(resumed.document["config"], overrides, cfg,
-                                experiment=resumed.document.get("experiment", experiment))
+            client = open_store(resolve_store(c.tracking.uri, launch_dir))
+            resumed = find_resumable_run(client, c.tracking.experiment_name or experiment,
+                                         c.resume)
+            composed, cfg = cfg, resume_config(
+                resumed.document["config"], overrides, cfg,
+                experiment=resumed.document.get("experiment", experiment))
             c = to_config(cfg)
+            if resumed.population:  # its jobs are checked and resumed one by one
+                return _resume_population(client, resumed, overrides, composed, c,
+                                          err_console=err_console)
             if resumed.status == "FINISHED" and c.trainer.num_steps <= resumed.step:
                 raise ConfigError(
                     f"resume={c.resume}: the run FINISHED at step {resumed.step}; to train "
@@ -114,7 +112,7 @@ def run_job(cfg, err_console) -> int:
             launch_dir = Path(resumed.document.get("launch_dir", launch_dir))
             experiment = resumed.document.get("experiment", experiment)
         # before anything starts JAX's backend: the member axis's host devices
-        set_host_devices(c.population.host_devices)
+        host_devices = set_host_devices(c.population.host_devices)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             cache = compile_cache.enable(c.trainer.compilation_cache_dir,
@@ -122,17 +120,8 @@ def run_job(cfg, err_console) -> int:
         for warning in caught:
             err_console.print(f"[yellow]warning:[/] {warning.message}")
         members = member_configs(cfg) if c.population.members else None
-        datasets = []
-        if c.mode == "train":
-            by_seed: dict = {}  # the split depends on the seed only
-            for _, member in members or [({}, cfg)]:
-                mc = to_config(member)
-                data_cfg = mc.data
-                if data_cfg.path and not Path(data_cfg.path).expanduser().is_absolute():
-                    data_cfg = dataclasses.replace(data_cfg, path=str(launch_dir / data_cfg.path))
-                if mc.seed not in by_seed:
-                    by_seed[mc.seed] = load_dataset(data_cfg, seed=mc.seed)
-                datasets.append(by_seed[mc.seed])
+        datasets = [] if c.mode != "train" else load_member_datasets(
+            [to_config(member) for _, member in members or [({}, cfg)]], launch_dir)
         dataset = datasets[0] if datasets else None
     except (ConfigError, DataError) as err:
         kind = "config" if isinstance(err, ConfigError) else "data"
@@ -159,7 +148,8 @@ def run_job(cfg, err_console) -> int:
     tags = {**environment_tags(), "experiment": experiment, "overrides": typed,
             "tracking_uri": store.tracking_uri, "launch_dir": str(launch_dir),
             "hydra.output_dir": hydra_cfg.runtime.output_dir, "mode": c.mode,
-            "compile_cache": str(cache.path) if cache.path else cache.reason}
+            "compile_cache": str(cache.path) if cache.path else cache.reason,
+            HOST_DEVICES_TAG: str(host_devices)}
     if members is not None:
         return _population_job(client, store, experiment_id, experiment_name, cfg, members,
                                datasets, tags=tags, console=console, err_console=err_console)
@@ -257,6 +247,41 @@ def _lone_job(client, store, experiment_id, experiment_name, cfg, dataset, *, ta
     print_summary(console, result=result, run_id=tracker.run_id, experiment=experiment_name,
                   ui="make ui" if make_ui else ui_command(store), tracking_uri=store.tracking_uri)
     return 0
+
+
+def _resume_population(client, resumed, overrides, composed, c, *, err_console) -> int:
+    """``resume=PARENT_ID``: continue a population's unfinished jobs (``sweep.resume_population``)."""
+    from rich.console import Console
+
+    from . import compile_cache
+    from .config import ConfigError
+    from .loop import GradcheckFailedError
+    from .report import print_population
+    from .sweep import resume_population
+    from .tracking import TrackingError
+
+    console = Console(highlight=False, soft_wrap=True)
+    compile_cache.enable(c.trainer.compilation_cache_dir, on=c.trainer.compilation_cache)
+    console.print(f"resuming population {resumed.run_id}: {len(resumed.jobs)} job(s) with "
+                  "checkpoints")
+    try:
+        results = resume_population(client, resumed, overrides, composed,
+                                    tags={"resumed.overrides": " ".join(overrides)[:5000]},
+                                    console=console, err_console=err_console)
+    except ConfigError as err:
+        err_console.print(f"[bold red]config error:[/] {err}")
+        return EXIT_USAGE
+    except KeyboardInterrupt as err:
+        err_console.print(f"[bold red]stopped:[/] {str(err) or 'interrupted (Ctrl-C)'}; the "
+                          f"population's runs ended KILLED; continue with: python -m trainer "
+                          f"resume={resumed.run_id}")
+        err.reported = True
+        raise
+    except (GradcheckFailedError, ValueError, TrackingError) as err:
+        err_console.print(f"[bold red]error:[/] {err}. The population's runs ended FAILED.")
+        return EXIT_FAILED
+    print_population(console, results, tracking_uri=client.tracking_uri)
+    return EXIT_FAILED if any(r.failed_step is not None for r in results) else 0
 
 
 def _population_job(client, store, experiment_id, experiment_name, cfg, members, datasets, *,

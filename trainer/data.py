@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Dataset", "DataError", "load_dataset", "DATA_KINDS"]
+__all__ = ["Dataset", "DataError", "load_dataset", "load_member_datasets", "DATA_KINDS"]
 
 DATA_KINDS = ("seed", "diabetes", "digits", "csv")
 MAX_CLASSES = 1000        # more distinct labels than this cannot be classes of a small table
@@ -101,6 +101,28 @@ def load_dataset(data, *, seed: int) -> Dataset:
     if data.kind == "csv":
         return _load_csv(data, seed)
     raise DataError(f"unknown data kind {data.kind!r}; choose one of {', '.join(DATA_KINDS)}")
+
+
+def load_member_datasets(configs: list, launch_dir: Path) -> list[Dataset]:
+    """Each member's split (``load_dataset``), loaded once per seed (the split depends on
+    the seed only); a relative ``data.path`` is taken from ``launch_dir``.
+
+    Args:
+      configs: the members' ``config.Config``.
+
+    Raises:
+      DataError: as ``load_dataset``.
+    """
+    import dataclasses
+
+    by_seed: dict[int, Dataset] = {}
+    for cfg in configs:
+        data = cfg.data
+        if data.path and not Path(data.path).expanduser().is_absolute():
+            data = dataclasses.replace(data, path=str(Path(launch_dir) / data.path))
+        if cfg.seed not in by_seed:
+            by_seed[cfg.seed] = load_dataset(data, seed=cfg.seed)
+    return [by_seed[cfg.seed] for cfg in configs]
 
 
 def _seed_problem(data) -> Dataset:

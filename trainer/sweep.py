@@ -18,6 +18,7 @@ failed ones run again.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -31,11 +32,15 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from . import report
+from .checkpoint import CheckpointPlan, periodic_steps
+from .resume import CHECKPOINT_TAG
 from .tracking import (PARENT_TAG, MlflowTracker, Store, child_runs, config_hash,
                        environment_tags, finished_runs, flatten_config, get_or_create_experiment,
-                       metric_history, open_store, resolve_store, start_run)
+                       metric_histories, metric_history, open_store, resolve_store, resume_run,
+                       start_run)
 
-__all__ = ["new_sweep_id", "run_population_job", "summarize_parent", "open_sweep",
+__all__ = ["new_sweep_id", "run_population_job", "resume_population", "summarize_parent",
+           "open_sweep",
            "SweepHandle", "member_run_name"]
 
 SHORT = {"seed": "seed", "optim.learning_rate": "lr", "optim.weight_decay": "wd",
@@ -76,7 +81,6 @@ def run_population_job(client, store: Store, experiment_id: str, experiment: str
       FAILED (or KILLED on Ctrl-C / SIGTERM) with the error.
     """
     from .config import to_config
-    from .loop import learning_rate_at, train_population
 
     population = cfg.population
     sweep_id = population.sweep_id or new_sweep_id()
@@ -105,39 +109,132 @@ def run_population_job(client, store: Store, experiment_id: str, experiment: str
         if skipped:
             MlflowTracker(client, parent_id).set_tags(
                 {f"skipped.{h}": run_id for h, run_id in skipped.items()})
-        if not todo:
-            results = []
-        else:
-            trackers = []
-            for i in todo:
-                values, _ = members[i]
-                name = member_run_name(experiment, values, i)
-                tracker = stack.enter_context(start_run(
-                    client, experiment_id, run_name=name,
-                    tags={**job_tags, PARENT_TAG: parent_id, "config_hash": hashes[i],
-                          "population.member": str(i), "population.role": "member",
-                          "population.values": json.dumps(values)}))
-                tracker.log_params(flatten_config(resolved[i]))
-                tracker.log_text(OmegaConf.to_yaml(resolved[i]), "config.yaml")
-                trackers.append(tracker)
-            console.print(f"{len(todo)} member runs under parent {parent_id}")
-            configs = [to_config(members[i][1]) for i in todo]
-            results = train_population(configs, [datasets[i] for i in todo], trackers,
-                                       console=console)
-            for c, tracker, result in zip(configs, trackers, results):
-                if result.failed_step is not None:
-                    rate = learning_rate_at(c, result.failed_step)
-                    tracker.set_tags({"error": f"the loss became NaN or infinite at step "
-                                               f"{result.failed_step} (learning rate {rate:g})"})
-                    tracker.end_status = "FAILED"
-            failed = sum(r.failed_step is not None for r in results)
-            if failed:
-                err_console.print(f"[bold red]diverged:[/] {failed} of {len(results)} members "
-                                  "reached a NaN or infinite loss; their runs ended FAILED, "
-                                  "the others trained on (try a smaller optim.learning_rate "
-                                  "or set optim.clip_norm)")
+        # the member runs end (FINISHED or FAILED) before the parent summarises them
+        with contextlib.ExitStack() as children:
+            if not todo:
+                results = []
+            else:
+                trackers = []
+                for i in todo:
+                    values, _ = members[i]
+                    name = member_run_name(experiment, values, i)
+                    tracker = children.enter_context(start_run(
+                        client, experiment_id, run_name=name,
+                        tags={**job_tags, PARENT_TAG: parent_id, "config_hash": hashes[i],
+                              "population.member": str(i), "population.role": "member",
+                              "population.values": json.dumps(values)}))
+                    tracker.log_params(flatten_config(resolved[i]))
+                    tracker.log_text(OmegaConf.to_yaml(resolved[i]), "config.yaml")
+                    trackers.append(tracker)
+                console.print(f"{len(todo)} member runs under parent {parent_id}")
+                configs = [to_config(members[i][1]) for i in todo]
+                plan = None
+                if configs[0].trainer.checkpoints:
+                    # one folder per population job, under its parent's: a sweep has a job per group
+                    folder = store.checkpoint_root / parent_id
+                    trainer = configs[0].trainer
+                    plan = CheckpointPlan(
+                        directory=folder / trackers[0].run_id, keep=trainer.checkpoint_keep,
+                        every_steps=periodic_steps(trainer.checkpoint_every_steps,
+                                                   trainer.num_steps),
+                        document={"kind": "population",
+                                  "config": OmegaConf.to_container(cfg, resolve=True),
+                                  "todo": todo, "run_ids": [t.run_id for t in trackers],
+                                  "parent_run_id": parent_id, "experiment": experiment,
+                                  "launch_dir": tags.get("launch_dir", os.getcwd())})
+                    MlflowTracker(client, parent_id).set_tags({CHECKPOINT_TAG: str(folder)})
+                    for tracker in trackers:
+                        tracker.set_tags({CHECKPOINT_TAG: str(plan.directory)})
+                results = _train_members(configs, [datasets[i] for i in todo], trackers,
+                                         checkpoint=plan, console=console, err_console=err_console)
         if population.parent_run_id is None:
             summarize_parent(client, experiment_id, parent_id, num_groups=1)
+    return results
+
+
+def _train_members(configs: list, datasets: list, trackers: list, *, checkpoint, console,
+                   err_console, histories: list | None = None) -> list:
+    """``loop.train_population``, then each diverged member's run marked to end FAILED."""
+    from .loop import learning_rate_at, train_population
+
+    results = train_population(configs, datasets, trackers, console=console,
+                               checkpoint=checkpoint, histories=histories)
+    for c, tracker, result in zip(configs, trackers, results):
+        if result.failed_step is not None:
+            rate = learning_rate_at(c, result.failed_step)
+            tracker.set_tags({"error": f"the loss became NaN or infinite at step "
+                                       f"{result.failed_step} (learning rate {rate:g})"})
+            tracker.end_status = "FAILED"
+    failed = sum(r.failed_step is not None for r in results)
+    if failed:
+        err_console.print(f"[bold red]diverged:[/] {failed} of {len(results)} members "
+                          "reached a NaN or infinite loss; their runs ended FAILED, "
+                          "the others trained on (try a smaller optim.learning_rate "
+                          "or set optim.clip_norm)")
+    return results
+
+
+def resume_population(client, resumed, overrides: list[str], composed, *,
+                      tags: dict[str, str], console, err_console) -> list:
+    """Continue a population from its checkpoints: its parent and, in each of its jobs
+    (one per group of a sweep) that had not trained to its end, every member run, each
+    reopened (``tracking.resume_run``) and continued from the job's latest checkpoint
+    with no point logged twice. The parent is summarised again and closed.
+
+    Args:
+      resumed: ``resume.Resumable`` of the parent, with one entry per job in ``jobs``.
+      overrides, composed: the command's, checked per job by ``config.resume_config``.
+
+    Returns:
+      the results of the members trained.
+
+    Raises:
+      ConfigError: a changed key, or nothing left to train.
+    """
+    from .config import ConfigError, member_configs, resume_config, to_config
+    from .data import load_member_datasets
+
+    plans = []
+    for job in resumed.jobs:
+        doc = job.document
+        cfg = resume_config(doc["config"], overrides, composed, experiment=doc["experiment"])
+        ids = doc["run_ids"]
+        statuses = [client.get_run(run_id).info.status for run_id in ids]
+        num_steps = cfg.trainer.num_steps
+        if job.step >= num_steps and all(s in ("FINISHED", "FAILED") for s in statuses):
+            continue  # this job trained to its end and closed its runs
+        plans.append((job, cfg, ids))
+    if not plans:
+        raise ConfigError(f"resume={resumed.run_id}: every job of this population trained to "
+                          "its end; to train further give a larger trainer.num_steps")
+    results = []
+    with contextlib.ExitStack() as stack:
+        parent = stack.enter_context(resume_run(client, resumed.run_id, tags=tags))
+        for job, cfg, ids in plans:  # each job's member runs end before the summary
+            with contextlib.ExitStack() as children:
+                doc = job.document
+                launch_dir = Path(doc["launch_dir"])
+                pairs = member_configs(cfg)
+                configs = [to_config(pairs[i][1]) for i in doc["todo"]]
+                datasets = load_member_datasets(configs, launch_dir)
+                trackers = [children.enter_context(resume_run(client, run_id, tags=tags))
+                            for run_id in ids]
+                for tracker, c in zip(trackers, configs):
+                    tracker.log_text(OmegaConf.to_yaml(dataclasses.asdict(c)), "config.yaml")
+                console.print(f"population job {job.directory.name}: {len(ids)} member runs "
+                              f"resumed from step {job.step} of {cfg.trainer.num_steps}")
+                trainer = configs[0].trainer
+                plan = CheckpointPlan(
+                    directory=job.directory, keep=trainer.checkpoint_keep,
+                    every_steps=periodic_steps(trainer.checkpoint_every_steps, trainer.num_steps),
+                    document={**doc, "config": OmegaConf.to_container(cfg, resolve=True)},
+                    resume=True)
+                results += _train_members(configs, datasets, trackers, checkpoint=plan,
+                                          console=console, err_console=err_console,
+                                          histories=[metric_histories(client, i) for i in ids])
+        summarize_parent(client, resumed.experiment_id, parent.run_id,
+                         num_groups=int(client.get_run(parent.run_id).data.metrics.get(
+                             "groups", 1)))
     return results
 
 
