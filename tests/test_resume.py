@@ -267,6 +267,8 @@ def test_a_finished_population_is_extended_in_its_own_runs(tmp_path):
     client = store_client(tmp_path)
     (parent,) = [r for r in all_runs(client) if r.data.tags["population.role"] == "parent"]
     parent_id = parent.info.run_id
+    # its members ended before it summarised them (they were RUNNING then: no best member)
+    assert parent.data.metrics["members"] == 3 and "best/val_loss" in parent.data.metrics
     assert parent.data.tags["checkpoint.dir"] == str(tmp_path / "mlruns" / "checkpoints" /
                                                      parent_id)
 
