@@ -289,3 +289,79 @@ def test_a_finished_population_is_extended_in_its_own_runs(tmp_path):
             assert steps == list(range(0, 120, 10))
     parent = client.get_run(parent_id)
     assert parent.data.metrics["members"] == 3 and "best/val_loss" in parent.data.metrics
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real MLflow tracking server on a free local port (SQLite backend, artifacts
+    served from a folder of its own); yields its URI."""
+    import socket
+    import subprocess
+    import sys
+
+    import requests
+
+    from conftest import cli_env
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = tmp_path / "server"
+    server.mkdir()
+    log = open(server / "server.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+         f"sqlite:///{server / 'mlflow.db'}", "--artifacts-destination", str(server / "artifacts"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=cli_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), stdout=log, stderr=log)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (server / "server.log").read_text()
+            assert time.monotonic() < deadline, (server / "server.log").read_text()
+            try:
+                if requests.get(f"{uri}/health", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        yield uri
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()
+
+
+@pytest.mark.slow
+def test_a_remote_store_keeps_checkpoints_as_artifacts_and_resumes_elsewhere(tmp_path,
+                                                                             mlflow_server):
+    """With a tracking server, the final (latest) and best checkpoints are also artifacts
+    of the run; a resume from another folder, where the local checkpoints do not exist,
+    downloads them and continues the same run."""
+    from mlflow import MlflowClient
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    uri = f"tracking.uri={mlflow_server}"
+    code, out, err = finish(start_cli(SMOKE, uri, cwd=first))
+    assert code == 0, out + err
+    client = MlflowClient(tracking_uri=mlflow_server)
+    (run,) = all_runs(client)
+    run_id = run.info.run_id
+    assert [a.path for a in client.list_artifacts(run_id, "checkpoints")] == ["checkpoints/60"]
+    local = first / "mlruns" / "checkpoints" / run_id
+    assert run.data.tags["checkpoint.dir"] == str(local)
+    import shutil
+
+    shutil.rmtree(local)  # as on another machine
+
+    code, out, err = finish(start_cli(f"resume={run_id}", "trainer.num_steps=80", uri,
+                                      cwd=second))
+    assert code == 0, out + err
+    assert f"run {run_id} resumed from step 60 of 80" in out
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resume_count"] == "1"
+    assert [p.step for p in history(client, run_id, "train_loss")] == list(range(0, 80, 10))
+    assert "checkpoints/80" in [a.path for a in client.list_artifacts(run_id, "checkpoints")]

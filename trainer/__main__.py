@@ -94,7 +94,8 @@ def run_job(cfg, err_console) -> int:
             if hydra_cfg.mode.name == "MULTIRUN":
                 raise ConfigError("resume= continues one run; give it without -m (a "
                                   "population resumes through its parent's id)")
-            client = open_store(resolve_store(c.tracking.uri, launch_dir))
+            store = resolve_store(c.tracking.uri, launch_dir)
+            client = open_store(store)
             resumed = find_resumable_run(client, c.tracking.experiment_name or experiment,
                                          c.resume)
             composed, cfg = cfg, resume_config(
@@ -102,7 +103,7 @@ def run_job(cfg, err_console) -> int:
                 experiment=resumed.document.get("experiment", experiment))
             c = to_config(cfg)
             if resumed.population:  # its jobs are checked and resumed one by one
-                return _resume_population(client, resumed, overrides, composed, c,
+                return _resume_population(client, store, resumed, overrides, composed, c,
                                           err_console=err_console)
             if resumed.status == "FINISHED" and c.trainer.num_steps <= resumed.step:
                 raise ConfigError(
@@ -164,7 +165,8 @@ def _lone_job(client, store, experiment_id, experiment_name, cfg, dataset, *, ta
     """A lone run (or the worked-examples job): open it, or reopen ``resumed``, and train."""
     from omegaconf import OmegaConf
 
-    from .checkpoint import CheckpointPlan, periodic_steps
+    from . import signals
+    from .checkpoint import CheckpointPlan, periodic_steps, upload_checkpoints
     from .config import to_config
     from .loop import GradcheckFailedError, NonFiniteLossError, check_worked_examples, \
         train_and_evaluate
@@ -217,8 +219,13 @@ def _lone_job(client, store, experiment_id, experiment_name, cfg, dataset, *, ta
                         resume=resumed is not None)
                     tracker.set_tags({CHECKPOINT_TAG: str(directory)})
                 history = metric_histories(client, tracker.run_id) if resumed else None
-                result = train_and_evaluate(c, dataset, tracker, console=console,
-                                            checkpoint=plan, history=history)
+                try:
+                    result = train_and_evaluate(c, dataset, tracker, console=console,
+                                                checkpoint=plan, history=history)
+                finally:  # also when stopped: a requeued job may run on another machine
+                    if plan is not None and store.remote and plan.directory.is_dir():
+                        with signals.blocked():
+                            upload_checkpoints(tracker, plan.directory)
     except KeyboardInterrupt as err:
         closed = f"run {tracker.run_id} ended KILLED" if tracker else "no run was open"
         reason = str(err) or "interrupted (Ctrl-C)"
@@ -249,7 +256,8 @@ def _lone_job(client, store, experiment_id, experiment_name, cfg, dataset, *, ta
     return 0
 
 
-def _resume_population(client, resumed, overrides, composed, c, *, err_console) -> int:
+def _resume_population(client, store, resumed, overrides, composed, c, *,
+                       err_console) -> int:
     """``resume=PARENT_ID``: continue a population's unfinished jobs (``sweep.resume_population``)."""
     from rich.console import Console
 
@@ -265,7 +273,7 @@ def _resume_population(client, resumed, overrides, composed, c, *, err_console) 
     console.print(f"resuming population {resumed.run_id}: {len(resumed.jobs)} job(s) with "
                   "checkpoints")
     try:
-        results = resume_population(client, resumed, overrides, composed,
+        results = resume_population(client, store, resumed, overrides, composed,
                                     tags={"resumed.overrides": " ".join(overrides)[:5000]},
                                     console=console, err_console=err_console)
     except ConfigError as err:

@@ -28,7 +28,8 @@ import jax
 
 from .steps import TrainState
 
-__all__ = ["Checkpoints", "Saver", "CheckpointPlan", "periodic_steps", "abstract_like",
+__all__ = ["Checkpoints", "Saver", "CheckpointPlan", "periodic_steps", "upload_checkpoints",
+           "abstract_like",
            "VAL_METRIC"]
 
 VAL_METRIC = "val_loss"
@@ -355,3 +356,23 @@ class CheckpointPlan:
     keep: int
     document: dict[str, Any]
     resume: bool = False
+
+
+def upload_checkpoints(tracker, directory: Path, artifact_path: str = "checkpoints") -> list[int]:
+    """Log the latest and the best checkpoint in ``directory`` as artifacts of the
+    tracker's run (``<artifact_path>/<step>``): for a remote store, whose runs may be
+    resumed on another machine (``download_checkpoints``).
+
+    Args:
+      tracker: an object with ``log_artifact(local_path, artifact_path)``
+        (``tracking.MlflowTracker``).
+
+    Returns:
+      the steps uploaded.
+    """
+    with Checkpoints(directory) as checkpoints:
+        steps = sorted({s for s in (checkpoints.latest_step(), checkpoints.best_step())
+                        if s is not None})
+    for step in steps:
+        tracker.log_artifact(Path(directory) / str(step), f"{artifact_path}/{step}")
+    return steps

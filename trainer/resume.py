@@ -105,7 +105,7 @@ def find_resumable_run(client, experiment: str, key: str) -> Resumable:
       ConfigError: no such run, a population member (its parent resumes it), no
         checkpoint, or a run still RUNNING in a live process.
     """
-    from .tracking import find_resumable
+    from .tracking import download_checkpoints, find_resumable
 
     if key == "latest":
         found = client.get_experiment_by_name(experiment)
@@ -134,9 +134,9 @@ def find_resumable_run(client, experiment: str, key: str) -> Resumable:
         raise ConfigError(f"resume={key}: the run has no checkpoints (it ran with "
                           "trainer.checkpoints=false, or before checkpoints existed)")
     directory = Path(folder)
-    if not directory.is_dir():
-        raise ConfigError(f"resume={key}: its checkpoint folder {directory} is gone; the run "
-                          "cannot be continued")
+    if not directory.is_dir() and not download_checkpoints(client, run.info.run_id, directory):
+        raise ConfigError(f"resume={key}: its checkpoint folder {directory} is gone (and the "
+                          "run has no checkpoint artifacts); the run cannot be continued")
     population = tags.get("population.role") == "parent"
     folders = sorted(p for p in directory.iterdir() if p.is_dir()) if population else [directory]
     _set_host_devices(client, tags, folders if population else [])

@@ -32,7 +32,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from . import report
-from .checkpoint import CheckpointPlan, periodic_steps
+from .checkpoint import CheckpointPlan, periodic_steps, upload_checkpoints
 from .resume import CHECKPOINT_TAG
 from .tracking import (PARENT_TAG, MlflowTracker, Store, child_runs, config_hash,
                        environment_tags, finished_runs, flatten_config, get_or_create_experiment,
@@ -145,11 +145,26 @@ def run_population_job(client, store: Store, experiment_id: str, experiment: str
                     MlflowTracker(client, parent_id).set_tags({CHECKPOINT_TAG: str(folder)})
                     for tracker in trackers:
                         tracker.set_tags({CHECKPOINT_TAG: str(plan.directory)})
-                results = _train_members(configs, [datasets[i] for i in todo], trackers,
-                                         checkpoint=plan, console=console, err_console=err_console)
+                try:
+                    results = _train_members(configs, [datasets[i] for i in todo], trackers,
+                                             checkpoint=plan, console=console,
+                                             err_console=err_console)
+                finally:
+                    _upload(client, store, parent_id, plan)
         if population.parent_run_id is None:
             summarize_parent(client, experiment_id, parent_id, num_groups=1)
     return results
+
+
+def _upload(client, store: Store, parent_id: str, plan) -> None:
+    """For a remote store: the job's latest and best checkpoints as the parent's artifacts
+    ``checkpoints/<job>/<step>`` (a requeued job may resume on another machine)."""
+    from . import signals
+
+    if plan is not None and store.remote and plan.directory.is_dir():
+        with signals.blocked():
+            upload_checkpoints(MlflowTracker(client, parent_id), plan.directory,
+                               f"checkpoints/{plan.directory.name}")
 
 
 def _train_members(configs: list, datasets: list, trackers: list, *, checkpoint, console,
@@ -174,7 +189,7 @@ def _train_members(configs: list, datasets: list, trackers: list, *, checkpoint,
     return results
 
 
-def resume_population(client, resumed, overrides: list[str], composed, *,
+def resume_population(client, store: Store, resumed, overrides: list[str], composed, *,
                       tags: dict[str, str], console, err_console) -> list:
     """Continue a population from its checkpoints: its parent and, in each of its jobs
     (one per group of a sweep) that had not trained to its end, every member run, each
@@ -229,9 +244,13 @@ def resume_population(client, resumed, overrides: list[str], composed, *,
                     every_steps=periodic_steps(trainer.checkpoint_every_steps, trainer.num_steps),
                     document={**doc, "config": OmegaConf.to_container(cfg, resolve=True)},
                     resume=True)
-                results += _train_members(configs, datasets, trackers, checkpoint=plan,
-                                          console=console, err_console=err_console,
-                                          histories=[metric_histories(client, i) for i in ids])
+                try:
+                    results += _train_members(
+                        configs, datasets, trackers, checkpoint=plan, console=console,
+                        err_console=err_console,
+                        histories=[metric_histories(client, i) for i in ids])
+                finally:
+                    _upload(client, store, parent.run_id, plan)
         summarize_parent(client, resumed.experiment_id, parent.run_id,
                          num_groups=int(client.get_run(parent.run_id).data.metrics.get(
                              "groups", 1)))

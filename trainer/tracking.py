@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 from . import signals
 
 __all__ = ["Store", "resolve_store", "open_store", "get_or_create_experiment", "start_run",
-           "resume_run", "find_resumable", "metric_histories",
+           "resume_run", "find_resumable", "metric_histories", "download_checkpoints",
            "MlflowTracker", "Terminated", "TrackingError", "flatten_config", "environment_tags",
            "ui_command"]
 
@@ -530,3 +530,19 @@ def find_resumable(client, experiment_id: str) -> str | None:
         if run.data.tags.get("population.role") != "member":
             return run.info.run_id
     return None
+
+
+def download_checkpoints(client, run_id: str, directory: Path) -> bool:
+    """Fetch a run's ``checkpoints/`` artifacts (``checkpoint.upload_checkpoints``) into
+    ``directory``, for a run of a remote store resumed on a machine without its local
+    folder. Returns False when the run has none."""
+    import shutil
+    import tempfile
+
+    if not client.list_artifacts(run_id, "checkpoints"):
+        return False
+    with tempfile.TemporaryDirectory(prefix="trainer-checkpoints-") as tmp:
+        local = client.download_artifacts(run_id, "checkpoints", tmp)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(local, directory)
+    return True
