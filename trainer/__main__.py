@@ -105,11 +105,12 @@ def run_job(cfg, err_console) -> int:
             if resumed.population:  # its jobs are checked and resumed one by one
                 return _resume_population(client, store, resumed, overrides, composed, c,
                                           err_console=err_console)
-            if resumed.status == "FINISHED" and c.trainer.num_steps <= resumed.step:
+            planned = resumed.document["config"]["trainer"]["num_steps"]
+            if resumed.status == "FINISHED" and c.trainer.num_steps <= planned:
                 raise ConfigError(
-                    f"resume={c.resume}: the run FINISHED at step {resumed.step}; to train "
-                    f"it further give a larger trainer.num_steps (e.g. "
-                    f"trainer.num_steps={2 * resumed.step})")
+                    f"resume={c.resume}: the run FINISHED its {planned} steps; to train it "
+                    f"further give a larger trainer.num_steps (e.g. "
+                    f"trainer.num_steps={2 * planned})")
             launch_dir = Path(resumed.document.get("launch_dir", launch_dir))
             experiment = resumed.document.get("experiment", experiment)
         # before anything starts JAX's backend: the member axis's host devices
@@ -305,8 +306,10 @@ def _population_job(client, store, experiment_id, experiment_name, cfg, members,
                                      members, datasets, tags=tags, console=console,
                                      err_console=err_console)
     except KeyboardInterrupt as err:
+        parent = getattr(err, "parent_run_id", None)
+        hint = f"; continue with: python -m trainer resume={parent}" if parent else ""
         err_console.print(f"[bold red]stopped:[/] {str(err) or 'interrupted (Ctrl-C)'}; "
-                          "the population's runs ended KILLED")
+                          f"the population's runs ended KILLED{hint}")
         err.reported = True
         raise
     except (GradcheckFailedError, ValueError, TrackingError) as err:

@@ -149,6 +149,10 @@ def run_population_job(client, store: Store, experiment_id: str, experiment: str
                     results = _train_members(configs, [datasets[i] for i in todo], trackers,
                                              checkpoint=plan, console=console,
                                              err_console=err_console)
+                except KeyboardInterrupt as err:  # the caller's message names the resume
+                    if plan is not None:
+                        err.parent_run_id = parent_id
+                    raise
                 finally:
                     _upload(client, store, parent_id, plan)
         if population.parent_run_id is None:
@@ -215,9 +219,9 @@ def resume_population(client, store: Store, resumed, overrides: list[str], compo
         cfg = resume_config(doc["config"], overrides, composed, experiment=doc["experiment"])
         ids = doc["run_ids"]
         statuses = [client.get_run(run_id).info.status for run_id in ids]
-        num_steps = cfg.trainer.num_steps
-        if job.step >= num_steps and all(s in ("FINISHED", "FAILED") for s in statuses):
-            continue  # this job trained to its end and closed its runs
+        longer = cfg.trainer.num_steps > doc["config"]["trainer"]["num_steps"]
+        if not longer and all(s in ("FINISHED", "FAILED") for s in statuses):
+            continue  # this job trained to its end (or all stopped) and closed its runs
         plans.append((job, cfg, ids))
     if not plans:
         raise ConfigError(f"resume={resumed.run_id}: every job of this population trained to "
