@@ -263,50 +263,45 @@ def _resume_population(client, store, resumed, overrides, composed, c, *,
     from rich.console import Console
 
     from . import compile_cache
-    from .config import ConfigError
-    from .loop import GradcheckFailedError
-    from .report import print_population
     from .sweep import resume_population
-    from .tracking import TrackingError
 
     console = Console(highlight=False, soft_wrap=True)
     compile_cache.enable(c.trainer.compilation_cache_dir, on=c.trainer.compilation_cache)
     console.print(f"resuming population {resumed.run_id}: {len(resumed.jobs)} job(s) with "
                   "checkpoints")
-    try:
-        results = resume_population(client, store, resumed, overrides, composed,
-                                    tags={"resumed.overrides": " ".join(overrides)[:5000]},
-                                    console=console, err_console=err_console)
-    except ConfigError as err:
-        err_console.print(f"[bold red]config error:[/] {err}")
-        return EXIT_USAGE
-    except KeyboardInterrupt as err:
-        err_console.print(f"[bold red]stopped:[/] {str(err) or 'interrupted (Ctrl-C)'}; the "
-                          f"population's runs ended KILLED; continue with: python -m trainer "
-                          f"resume={resumed.run_id}")
-        err.reported = True
-        raise
-    except (GradcheckFailedError, ValueError, TrackingError) as err:
-        err_console.print(f"[bold red]error:[/] {err}. The population's runs ended FAILED.")
-        return EXIT_FAILED
-    print_population(console, results, tracking_uri=client.tracking_uri)
-    return EXIT_FAILED if any(r.failed_step is not None for r in results) else 0
+    return _run_population(lambda: resume_population(
+        client, store, resumed, overrides, composed,
+        tags={"resumed.overrides": " ".join(overrides)[:5000]}, console=console,
+        err_console=err_console), parent_run_id=resumed.run_id, store=store, console=console,
+        err_console=err_console)
 
 
 def _population_job(client, store, experiment_id, experiment_name, cfg, members, datasets, *,
                     tags, console, err_console) -> int:
     """One population job: its members as child runs (``sweep.run_population_job``)."""
+    from .sweep import run_population_job
+
+    return _run_population(lambda: run_population_job(
+        client, store, experiment_id, experiment_name, cfg, members, datasets, tags=tags,
+        console=console, err_console=err_console), parent_run_id=None, store=store,
+        console=console, err_console=err_console)
+
+
+def _run_population(train, *, parent_run_id, store, console, err_console) -> int:
+    """Run ``train()`` (a new or resumed population job), print its outcome and return
+    the exit code; a stop names the command that resumes it."""
+    from .config import ConfigError
     from .loop import GradcheckFailedError
     from .report import print_population
-    from .sweep import run_population_job
     from .tracking import TrackingError
 
     try:
-        results = run_population_job(client, store, experiment_id, experiment_name, cfg,
-                                     members, datasets, tags=tags, console=console,
-                                     err_console=err_console)
+        results = train()
+    except ConfigError as err:  # found before any run was reopened
+        err_console.print(f"[bold red]config error:[/] {err}")
+        return EXIT_USAGE
     except KeyboardInterrupt as err:
-        parent = getattr(err, "parent_run_id", None)
+        parent = parent_run_id or getattr(err, "parent_run_id", None)
         hint = f"; continue with: python -m trainer resume={parent}" if parent else ""
         err_console.print(f"[bold red]stopped:[/] {str(err) or 'interrupted (Ctrl-C)'}; "
                           f"the population's runs ended KILLED{hint}")
