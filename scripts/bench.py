@@ -1,13 +1,15 @@
-"""The benchmark suite: all six benchmarks into ONE MLflow run (experiment ``benchmarks``).
+"""The benchmark suite: all eight benchmarks into ONE MLflow run (experiment ``benchmarks``).
 
 Usage: python scripts/bench.py [--quick] [--tracking-uri URI] [--plots-dir DIR] [--json PATH]
                             [--set CASE.SIZE=VALUE] [--no-tracking]
 
 jit against eager, value_and_grad against loss + grad, one dispatch per step
 against lax.scan, memory with and without the backward pass (and jax.checkpoint),
-throughput scaling against the peak matmul rate, and the service's framework
-overhead. Every benchmark checks its result before it reports a time; a wrong
-result ends the run FAILED and the process exits 1. See trainer/benchmarks/ and
+throughput scaling against the peak matmul rate, the service's framework
+overhead, populations (a lone run against one fixed batch; many members as one
+program), and what saving a checkpoint every 1000 steps costs the loop. Every
+benchmark checks its result before it reports a time; a wrong result ends the run
+FAILED and the process exits 1. See trainer/benchmarks/ and
 docs/benchmarks.md; compare runs with scripts/bench_compare.py.
 """
 

@@ -293,6 +293,9 @@ def test_quick_suite_records_one_finished_run(quick_suite):
     assert 0 < m["scaling/w256_b256/peak_fraction"] < 1.5
     # 6. the overhead ratio is a ratio of two positive rates
     assert m["overhead/ratio"] > 0 and m["overhead/service/steps_per_s"] > 0
+    # 8. checkpoints: the final save at least was written; a lone save takes some time
+    assert m["checkpoint/ratio"] > 0 and m["checkpoint/saved_per_run"] >= 1
+    assert m["checkpoint/save_s"] > 0 and m["checkpoint/save/median_s"] == m["checkpoint/save_s"]
     assert all(math.isfinite(v) for v in m.values())
 
     paths = {f.path for f in client.list_artifacts(run.info.run_id)}

@@ -1,6 +1,7 @@
 """Checkpoints (trainer/checkpoint.py): a restored state keeps the optimizer's types and
-continues bit for bit (case C19); the keep policy never deletes the latest checkpoint
-and keeps the best (case C20); a checkpoint of other members is refused."""
+continues bit for bit (case C19), for every optimizer's state; the keep policy never
+deletes the latest checkpoint and keeps the best (case C20); a checkpoint of other members
+is refused."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from trainer.config import (Config, DataConfig, GradcheckConfig, ModelConfig, Op
                             TrainerConfig)
 from trainer.data import load_dataset
 from trainer.loop import build_run, run_chunks
+from trainer.optim import OPTIMIZERS
 
 
 def adam_config(num_steps: int, steps_per_call: int) -> Config:
@@ -83,6 +85,64 @@ def test_C19_restore_keeps_optimizer_types_and_continues_bitwise(split, tmp_path
     for a, b in zip(jax.tree.leaves(jax.device_get(resumed_state.params)),
                     jax.tree.leaves(jax.device_get(straight_state.params))):
         np.testing.assert_array_equal(a, b)
+
+
+def _node_types(tree) -> list[tuple[str, type]]:
+    """Every node of ``tree``, inner ones included (namedtuples, dicts, tuples, empty
+    ``EmptyState``s), as ``(path, type)`` in flattening order."""
+    nodes = []
+
+    def walk(path, node):
+        nodes.append((jax.tree_util.keystr(path), type(node)))
+        if jax.tree_util.treedef_is_leaf(jax.tree.structure(node)):
+            return
+        children, _ = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
+        for key, child in children:
+            walk(path + key, child)
+
+    walk((), tree)
+    return nodes
+
+
+# the state class each optimizer's moments (or, for sgd, its schedule count) live in
+MOMENT_STATE = {"sgd": optax.ScaleByScheduleState, "momentum": optax.TraceState,
+                "adam": optax.ScaleByAdamState, "adamw": optax.ScaleByAdamState}
+CLIP_NORM = {"sgd": None, "momentum": 0.5, "adam": None, "adamw": 0.5}  # 0.5: it clips
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_C19_every_optimizers_state_round_trips(split, tmp_path, name):
+    """C19 for every optimizer (cosine schedule; momentum and adamw also clip the gradient
+    norm, which nests the optimizer's chain in one with ``clip_by_global_norm``'s
+    ``EmptyState``, a node without leaves): the optimizer state restored into a freshly
+    built run has the saved tree structure, the same type at every node (inner ones
+    included), the same dtypes and values, and the run continues with the losses of an
+    uninterrupted one, bit for bit."""
+    assert set(MOMENT_STATE) == set(OPTIMIZERS)
+    cfg = adam_config(num_steps=10, steps_per_call=5)
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, name=name,
+                                                             clip_norm=CLIP_NORM[name]))
+    chunks = run_chunks(build_run([cfg], [split]), [])
+    first = next(chunks)
+    with Checkpoints(tmp_path / "ckpt") as checkpoints:
+        checkpoints.save(first.state, document={}, val_loss=1.0, wait=True)
+    straight = np.concatenate([c.metrics[0]["train_loss"] for c in chunks])  # steps 5-9
+
+    with Checkpoints(tmp_path / "ckpt") as checkpoints:
+        resumed_run = build_run([cfg], [split], checkpoints=checkpoints)
+    saved, restored = jax.device_get((first.state.opt_state, resumed_run.state.opt_state))
+    assert jax.tree.structure(restored) == jax.tree.structure(saved)
+    assert _node_types(restored) == _node_types(saved)
+    types = {t for _, t in _node_types(restored)}
+    assert MOMENT_STATE[name] in types
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(restored)[0],
+                            jax.tree.leaves(saved)):
+        assert a.dtype == b.dtype, jax.tree_util.keystr(path)
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+    resumed = np.concatenate([c.metrics[0]["train_loss"] for c in run_chunks(resumed_run, [])])
+    assert resumed.shape == straight.shape == (5, 1)
+    np.testing.assert_array_equal(resumed, straight)  # bitwise
 
 
 def test_C19_the_early_stopping_record_round_trips(split, tmp_path):

@@ -1,4 +1,4 @@
-"""The scheduled benchmark suite: seven benchmarks as importable, testable functions.
+"""The scheduled benchmark suite: eight benchmarks as importable, testable functions.
 
 Each benchmark module has ``Sizes`` (every default, one per line, with its unit),
 ``QUICK`` (the small sizes of ``--quick``) and ``run(sizes, workdir, *, log) ->
@@ -16,6 +16,7 @@ MLflow run; ``compare`` compares runs over time.
 | ``scaling`` | ``scaling`` | steps/s and FLOP/s over width and batch, against peak matmul |
 | ``overhead`` | ``overhead`` | the service's loop against a hand-written jit + scan loop |
 | ``population`` | ``population`` | a lone run against one fixed batch (P1); many members as one program (P3) |
+| ``checkpoint`` | ``checkpoint`` | a lone run saving a checkpoint every 1000 steps against none |
 
 Modules are imported when run, so importing this package imports no JAX.
 """
@@ -35,6 +36,7 @@ CASES: dict[str, str] = {
     "scaling": "scaling",
     "overhead": "overhead",
     "population": "population",
+    "checkpoint": "checkpoint",
 }
 
 

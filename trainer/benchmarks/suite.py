@@ -1,6 +1,6 @@
 """Run benchmarks into ONE MLflow run: the entry point of ``scripts/bench*.py``.
 
-``python scripts/bench.py [--quick] [--tracking-uri URI]`` runs all six; each
+``python scripts/bench.py [--quick] [--tracking-uri URI]`` runs all eight; each
 ``scripts/bench_<case>.py`` runs one and makes its own run. The store is the
 service's (``tracking.resolve_store``: ``--tracking-uri``, else
 ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlruns/mlflow.db``), the
