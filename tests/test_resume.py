@@ -114,7 +114,8 @@ def test_periodic_saves_and_the_final_one(split, tmp_path):
     the end of training always saves; the run's figures say how many were written."""
     cfg = adam_cosine(num_steps=60)
     tracker = RecordingTracker()
-    plan = CheckpointPlan(directory=tmp_path / "c", every_steps=25, keep=10, document={})
+    plan = CheckpointPlan(directory=tmp_path / "c", every_steps=25, keep=10, document={},
+                          min_interval_s=0.0)
     (result,) = train_population([cfg], [split], [tracker], checkpoint=plan)
     with Checkpoints(tmp_path / "c") as checkpoints:
         kept = checkpoints.steps()
@@ -129,7 +130,7 @@ def test_saver_latest_wins_and_errors_surface(split, tmp_path):
     cfg = adam_cosine(num_steps=5)
     cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, steps_per_call=1))
     states = [c.state for c in run_chunks(build_run([cfg], [split]), [])]
-    saver = Saver(Checkpoints(tmp_path / "c", keep=10, async_save=False),
+    saver = Saver(Checkpoints(tmp_path / "c", keep=10, async_save=False), min_interval_s=0,
                   max_busy_fraction=0.001)
     saver.offer(states[0], document={}, val_loss=1.0)  # saved at once
     deadline = time.monotonic() + 60
@@ -141,7 +142,7 @@ def test_saver_latest_wins_and_errors_surface(split, tmp_path):
     saver.close()
     assert saver.saved == [1, 5] and saver.skipped == 3
 
-    saver = Saver(Checkpoints(tmp_path / "d", async_save=False))
+    saver = Saver(Checkpoints(tmp_path / "d", async_save=False), min_interval_s=0)
     assert saver.save_now(states[0], document={}, val_loss=1.0) == 1
     assert (tmp_path / "d" / "1").is_dir()
     saver.offer(states[1], document={"not json": object()}, val_loss=1.0)
@@ -202,7 +203,8 @@ def test_C21_killed_and_stopped_run_resumes_into_the_same_run(tmp_path):
     FINISHED: one run in the store, ``resume_count`` 2, every curve point logged exactly
     once, checkpoints in ``mlruns/checkpoints/<run id>``."""
     log = tmp_path / "first.log"
-    proc = start_cli(*RESUMABLE, "trainer.checkpoint_every_steps=500", cwd=tmp_path, log=log)
+    proc = start_cli(*RESUMABLE, "trainer.checkpoint_every_steps=500",
+                     "trainer.checkpoint_min_interval_s=0", cwd=tmp_path, log=log)
     try:
         client, run_id = wait_for_training(proc, log, tmp_path)
         folder = tmp_path / "mlruns" / "checkpoints" / run_id

@@ -217,7 +217,8 @@ def _lone_job(client, store, experiment_id, experiment_name, cfg, dataset, *, ta
                         document={"kind": "run", "config": resolved,
                                   "run_ids": [tracker.run_id], "experiment": experiment,
                                   "launch_dir": str(launch_dir)},
-                        resume=resumed is not None)
+                        resume=resumed is not None,
+                        min_interval_s=c.trainer.checkpoint_min_interval_s)
                     tracker.set_tags({CHECKPOINT_TAG: str(directory)})
                 history = metric_histories(client, tracker.run_id) if resumed else None
                 try:

@@ -104,6 +104,9 @@ class TrainerConfig:
                                        # more, none for shorter ones
     checkpoint_keep: int = 2           # latest checkpoints kept (the best by validation
                                        # loss is kept besides them)
+    checkpoint_min_interval_s: float = 10.0  # periodic saves start at least this many
+                                       # seconds apart (each costs the loop ~0.1 s on 2 CPU
+                                       # cores); the end and a stop always save
 
 
 @dataclass
@@ -382,6 +385,9 @@ def validate(cfg: DictConfig) -> None:
                           "number of steps, or null (before and after training)")
     for key in ("probe_batch_size", "rel_tol", "max_elements", "num_directions"):
         _positive(f"gradcheck.{key}", getattr(g, key))
+    if c.trainer.checkpoint_min_interval_s < 0:
+        raise ConfigError(f"trainer.checkpoint_min_interval_s={c.trainer.checkpoint_min_interval_s}"
+                          ": must be >= 0 (seconds between periodic saves)")
     if c.trainer.checkpoint_every_steps is not None and c.trainer.checkpoint_every_steps < 0:
         raise ConfigError(f"trainer.checkpoint_every_steps={c.trainer.checkpoint_every_steps}: "
                           "use 0 (no periodic saves), a positive number of steps, or null "

@@ -443,7 +443,8 @@ def _saver(plan: CheckpointPlan | None) -> Iterator[Saver | None]:
     if plan is None:
         yield None
         return
-    saver = Saver(Checkpoints(plan.directory, keep=plan.keep, async_save=False))
+    saver = Saver(Checkpoints(plan.directory, keep=plan.keep, async_save=False),
+                  min_interval_s=plan.min_interval_s)
     try:
         yield saver
     finally:
@@ -486,6 +487,7 @@ def _train(members: list, datasets: list[Dataset], trackers: list, renderer, sav
     records = [MemberRecord(m, t, log_every_steps=tcfg.log_every_steps,
                             stop_on_nonfinite=tcfg.on_nonfinite == "stop", history=h)
                for m, (t, h) in enumerate(zip(trackers, histories))]
+    # saves are due as checks are: at the first chunk end at or after each multiple
     save_after = gradcheck_steps(plan.every_steps, run.chunk_ends) if plan else set()
     done_at: list[float] = []
     chunk, recorded, val = None, None, math.inf

@@ -132,16 +132,11 @@ def run_population_job(client, store: Store, experiment_id: str, experiment: str
                 if configs[0].trainer.checkpoints:
                     # one folder per population job, under its parent's: a sweep has a job per group
                     folder = store.checkpoint_root / parent_id
-                    trainer = configs[0].trainer
-                    plan = CheckpointPlan(
-                        directory=folder / trackers[0].run_id, keep=trainer.checkpoint_keep,
-                        every_steps=periodic_steps(trainer.checkpoint_every_steps,
-                                                   trainer.num_steps),
-                        document={"kind": "population",
-                                  "config": OmegaConf.to_container(cfg, resolve=True),
-                                  "todo": todo, "run_ids": [t.run_id for t in trackers],
-                                  "parent_run_id": parent_id, "experiment": experiment,
-                                  "launch_dir": tags.get("launch_dir", os.getcwd())})
+                    plan = _job_plan(configs[0].trainer, folder / trackers[0].run_id, {
+                        "kind": "population", "config": OmegaConf.to_container(cfg, resolve=True),
+                        "todo": todo, "run_ids": [t.run_id for t in trackers],
+                        "parent_run_id": parent_id, "experiment": experiment,
+                        "launch_dir": tags.get("launch_dir", os.getcwd())})
                     MlflowTracker(client, parent_id).set_tags({CHECKPOINT_TAG: str(folder)})
                     for tracker in trackers:
                         tracker.set_tags({CHECKPOINT_TAG: str(plan.directory)})
@@ -158,6 +153,15 @@ def run_population_job(client, store: Store, experiment_id: str, experiment: str
         if population.parent_run_id is None:
             summarize_parent(client, experiment_id, parent_id, num_groups=1)
     return results
+
+
+def _job_plan(trainer, directory: Path, document: dict, *,
+              resume: bool = False) -> CheckpointPlan:
+    """A population job's checkpoints, as its (shared) ``trainer`` config asks."""
+    return CheckpointPlan(
+        directory=directory, keep=trainer.checkpoint_keep, document=document, resume=resume,
+        every_steps=periodic_steps(trainer.checkpoint_every_steps, trainer.num_steps),
+        min_interval_s=trainer.checkpoint_min_interval_s)
 
 
 def _upload(client, store: Store, parent_id: str, plan) -> None:
@@ -242,12 +246,8 @@ def resume_population(client, store: Store, resumed, overrides: list[str], compo
                     tracker.log_text(OmegaConf.to_yaml(dataclasses.asdict(c)), "config.yaml")
                 console.print(f"population job {job.directory.name}: {len(ids)} member runs "
                               f"resumed from step {job.step} of {cfg.trainer.num_steps}")
-                trainer = configs[0].trainer
-                plan = CheckpointPlan(
-                    directory=job.directory, keep=trainer.checkpoint_keep,
-                    every_steps=periodic_steps(trainer.checkpoint_every_steps, trainer.num_steps),
-                    document={**doc, "config": OmegaConf.to_container(cfg, resolve=True)},
-                    resume=True)
+                plan = _job_plan(configs[0].trainer, job.directory, {
+                    **doc, "config": OmegaConf.to_container(cfg, resolve=True)}, resume=True)
                 try:
                     results += _train_members(
                         configs, datasets, trackers, checkpoint=plan, console=console,
