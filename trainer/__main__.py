@@ -255,6 +255,10 @@ def _lone_job(client, store, experiment_id, experiment_name, cfg, dataset, *, ta
                and store.lock_path == repo_root / "mlruns" / ".mlflow.db.lock")
     print_summary(console, result=result, run_id=tracker.run_id, experiment=experiment_name,
                   ui="make ui" if make_ui else ui_command(store), tracking_uri=store.tracking_uri)
+    if c.trainer.checkpoints:
+        console.print(f"checkpoints in {store.checkpoint_root / tracker.run_id}; to train on: "
+                      f"python -m trainer resume={tracker.run_id} "
+                      f"trainer.num_steps={2 * c.trainer.num_steps}")
     return 0
 
 
