@@ -198,7 +198,9 @@ def _lone_job(client, store, experiment_id, experiment_name, cfg, dataset, *, ta
                 console.print(f"run {tracker.run_id} ({run_name}) in experiment "
                               f"{experiment_name!r}")
                 tracker.set_tags({"config_hash": config_hash(resolved)})
-                tracker.log_params(flatten_config(resolved))
+                # resume= says how a run was launched, not what it trains: config.yaml has it
+                tracker.log_params({k: v for k, v in flatten_config(resolved).items()
+                                    if k != "resume"})
                 tracker.log_text(OmegaConf.to_yaml(overrides), "overrides.yaml")
             else:  # params stay as first logged (MLflow keeps them immutable)
                 console.print(f"run {tracker.run_id} resumed from step {resumed.step} of "

@@ -104,7 +104,7 @@ def run_population_job(client, store: Store, experiment_id: str, experiment: str
             parent_id = parent.run_id
             parent.log_params({k: v for k, v in flatten_config(
                 OmegaConf.to_container(cfg, resolve=True)).items()
-                if not k.startswith("population.")})
+                if not k.startswith("population.") and k != "resume"})
             console.print(f"parent run {parent_id} in experiment {experiment!r}")
         if skipped:
             MlflowTracker(client, parent_id).set_tags(
@@ -123,7 +123,8 @@ def run_population_job(client, store: Store, experiment_id: str, experiment: str
                         tags={**job_tags, PARENT_TAG: parent_id, "config_hash": hashes[i],
                               "population.member": str(i), "population.role": "member",
                               "population.values": json.dumps(values)}))
-                    tracker.log_params(flatten_config(resolved[i]))
+                    tracker.log_params({k: v for k, v in flatten_config(resolved[i]).items()
+                                        if k != "resume"})
                     tracker.log_text(OmegaConf.to_yaml(resolved[i]), "config.yaml")
                     trackers.append(tracker)
                 console.print(f"{len(todo)} member runs under parent {parent_id}")
