@@ -35,8 +35,12 @@ def start_cli(*args: str, cwd: Path, env: dict | None = None,
     that file (polled by ``wait_for_output``); else they are captured as text pipes."""
     out = open(log, "w") if log is not None else subprocess.PIPE  # noqa: SIM115
     err = subprocess.STDOUT if log is not None else subprocess.PIPE
+    # As from a terminal: a test session started in the background (`make test &`) has
+    # SIGINT ignored, which its children would inherit, and Python then never raises
+    # KeyboardInterrupt for Ctrl-C.
     proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=cwd,
-                            env=env or cli_env(), stdout=out, stderr=err, text=True)
+                            env=env or cli_env(), stdout=out, stderr=err, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     if log is not None:
         out.close()  # the child holds its own copy
     return proc
