@@ -36,11 +36,18 @@ def start_cli(*args: str, cwd: Path, env: dict | None = None,
     out = open(log, "w") if log is not None else subprocess.PIPE  # noqa: SIM115
     err = subprocess.STDOUT if log is not None else subprocess.PIPE
     # As from a terminal: a test session started in the background (`make test &`) has
-    # SIGINT ignored, which its children would inherit, and Python then never raises
-    # KeyboardInterrupt for Ctrl-C.
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=cwd,
-                            env=env or cli_env(), stdout=out, stderr=err, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # SIGINT ignored, which a child inherits through exec (a handled signal is reset to
+    # the default), and Python then never raises KeyboardInterrupt for Ctrl-C. Not a
+    # preexec_fn: forking the multithreaded test process is what JAX warns against.
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=cwd,
+                                env=env or cli_env(), stdout=out, stderr=err, text=True)
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
     if log is not None:
         out.close()  # the child holds its own copy
     return proc
