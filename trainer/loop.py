@@ -237,7 +237,7 @@ class Chunk:
     active: np.ndarray
     state: TrainState
     interval_s: float
-    early_stop_step: np.ndarray | None = None
+    early_stop_step: np.ndarray
 
 
 def run_chunks(run: Run, done_at: list[float]) -> Iterator[Chunk]:
@@ -304,7 +304,7 @@ class MemberRecord:
             return
         first_bad = int(chunk.nonfinite_step[self.index])
         stop_before = first_bad if first_bad >= 0 and self._stop else None
-        early = -1 if chunk.early_stop_step is None else int(chunk.early_stop_step[self.index])
+        early = int(chunk.early_stop_step[self.index])
         if early >= 0:  # stopped at an evaluation: keep that evaluation's point, none after
             stop_before = early + 1 if stop_before is None else min(stop_before, early + 1)
         points = chunk_points(chunk.metrics, self.index, log_every_steps=self._every,
