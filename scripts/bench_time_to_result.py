@@ -9,18 +9,18 @@ a shared machine's drifts fall on all of them alike:
 - ``reference``: ``scripts/reference_diabetes.py``, the same training written by hand
   (JAX + optax + scikit-learn, one ``lax.scan``; no tracking, plots or checks);
 - ``warm``: ``python -m trainer +experiment=diabetes`` as a user's second run finds the
-  machine: the store exists and the compilation cache holds its programs (one untimed
-  run fills them first);
+  machine: the store exists and the compilation and dataset caches hold its programs and
+  split (one untimed run fills them first);
 - ``cold``: the same command as a first run: a new launch folder (so a new store) and
-  an empty compilation cache;
+  empty compilation and dataset caches;
 - ``examples``: ``python -m trainer +experiment=gradcheck`` (the worked examples), warm.
 
 Every trainer command must exit 0 (else the script exits 1). The run's own phase
 figures (``startup_s``, ``compile_s``, ``gradcheck_s``, ``wall_s``, cache hits) are read
 back from each warm and cold run's store. Results: medians, the ratios warm/reference and
 cold/reference, every sample, versions and the load average, as JSON with ``--json``.
-The cache of warm samples is a folder of this benchmark's own (``JAX_COMPILATION_CACHE_DIR``),
-not the user's.
+The caches of warm samples are folders of this benchmark's own (``JAX_COMPILATION_CACHE_DIR``,
+``TRAINER_DATA_CACHE_DIR``), not the user's.
 """
 
 import argparse
@@ -85,7 +85,8 @@ def main() -> int:
     py = args.python
     root = Path(tempfile.mkdtemp(prefix="bench_ttr_"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(MLFLOW_DISABLE_TELEMETRY="true", JAX_COMPILATION_CACHE_DIR=str(root / "cache"))
+    env.update(MLFLOW_DISABLE_TELEMETRY="true", JAX_COMPILATION_CACHE_DIR=str(root / "cache"),
+               TRAINER_DATA_CACHE_DIR=str(root / "data-cache"))
     warm_dir = root / "warm"
     warm_dir.mkdir()
     main_job = [py, "-m", "trainer", "+experiment=diabetes"]
@@ -105,7 +106,8 @@ def main() -> int:
             if mode == "cold":
                 cwd = root / f"cold{r}"
                 cwd.mkdir()
-                mode_env = {**env, "JAX_COMPILATION_CACHE_DIR": str(cwd / "cache")}
+                mode_env = {**env, "JAX_COMPILATION_CACHE_DIR": str(cwd / "cache"),
+                            "TRAINER_DATA_CACHE_DIR": str(cwd / "data-cache")}
             samples[mode].append(timed(commands[mode], cwd, mode_env))
             if mode in figures:
                 figures[mode].append(read_run(py, cwd, env))

@@ -25,6 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 # user's ~/.cache/trainer/jax (a test that studies the cache passes its own folder).
 SESSION_CACHE = tempfile.mkdtemp(prefix="trainer-tests-jax-cache-")
 atexit.register(shutil.rmtree, SESSION_CACHE, ignore_errors=True)
+# Likewise the dataset cache (trainer/data_cache.py), for CLI subprocesses and in-process
+# loads alike: tests never read or fill the user's ~/.cache/trainer/datasets.
+DATA_CACHE = tempfile.mkdtemp(prefix="trainer-tests-data-cache-")
+atexit.register(shutil.rmtree, DATA_CACHE, ignore_errors=True)
+os.environ["TRAINER_DATA_CACHE_DIR"] = DATA_CACHE
 
 
 def cli_env(**extra: str) -> dict[str, str]:

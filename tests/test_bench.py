@@ -288,6 +288,14 @@ def test_quick_suite_records_one_finished_run(quick_suite):
         assert m[f"{deep}/remat_temp_bytes"] < m[f"{deep}/grad_temp_bytes"]
         assert m[f"{deep}/grad_temp_bytes"] > m[f"memory/{family}/d4/grad_temp_bytes"]
     assert m["memory/chain/n100/grad_residual_bytes"] > m["memory/chain/n10/grad_residual_bytes"]
+    # 4b. allocation: a buffer holds at least what was asked; a power of two is held exactly
+    # (a multiple of any alignment), one element more costs a padded buffer
+    for dtype, size in (("float32", 4), ("float64", 8)):
+        held = {n: m[f"memory/alloc/{dtype}/n{n}/xla_bytes"] for n in (1000, 1023, 1024, 1025,
+                                                                         2048)}
+        assert all(held[n] >= n * size for n in held), held
+        assert held[1024] == 1024 * size and held[2048] == 2048 * size
+        assert held[1025] > 1025 * size and held[1025] - held[1024] >= size
     # 5. achieved FLOP/s below the measured peak, as a share
     assert m["scaling/peak_matmul_flops_per_s"] > 1e8
     assert 0 < m["scaling/w256_b256/peak_fraction"] < 1.5
@@ -302,7 +310,7 @@ def test_quick_suite_records_one_finished_run(quick_suite):
     plots = {f.path for f in client.list_artifacts(run.info.run_id, "plots")}
     assert "results.json" in paths
     assert plots == {"plots/jit_speedup.png", "plots/scan_curve.png", "plots/memory_depth.png",
-                     "plots/scaling.png"}
+                     "plots/memory_allocation.png", "plots/scaling.png"}
     document = results_json(client, run.info.run_id, home / "dl")
     assert document["run_id"] == run.info.run_id and not document["failures"]
     figures = compare.figures_of(document)

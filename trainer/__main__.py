@@ -27,16 +27,35 @@ def main() -> int:
     """Run the CLI; returns the process exit code."""
     # MLflow 3 sends usage telemetry unless told not to; this job talks only to its store.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    import hydra
     from hydra._internal.utils import get_args_parser
+
+    args, _ = get_args_parser().parse_known_args(sys.argv[1:])
+    runs = not (args.help or args.hydra_help or args.info or args.shell_completion
+                or args.cfg)
+    # MLflow's import and the store's opening run in a second process while this one
+    # imports JAX (store_process); first, so that they overlap everything below.
+    store_process = None
+    if runs:
+        from . import store_process as store_process_module, tracking
+
+        store_process = store_process_module.start()
+        tracking.use_store_process(store_process)
+    try:
+        return _main(args, runs)
+    finally:
+        if store_process is not None:
+            store_process.close()
+
+
+def _main(args, runs: bool) -> int:
+    import hydra
     from omegaconf import OmegaConf
     from rich.console import Console
 
     from .config import CONF_DIR, ConfigError, check_overrides, register_configs
 
     err_console = Console(stderr=True, highlight=False, soft_wrap=True)
-    args, _ = get_args_parser().parse_known_args(sys.argv[1:])
-    if not (args.help or args.hydra_help or args.info or args.shell_completion):
+    if runs:
         try:
             check_overrides(args.overrides)
         except ConfigError as err:

@@ -62,6 +62,7 @@ class DataConfig:
     seed_width: int = 100              # seed: n, the size of x and of Θ
     seed_x_key: int = 1                # seed: x = normal(PRNGKey(seed_x_key), (n,))
     seed_y_key: int = 2                # seed: y = normal(PRNGKey(seed_y_key), ())
+    cache: bool = True                 # keep the split and its baseline on disk (trainer/data_cache.py)
 
 
 @dataclass
@@ -513,7 +514,7 @@ def _is_schema_key(key: str) -> bool:
 
 # What a resumed run may change: how long it trains (only longer) and nothing it computes.
 RESUME_MAY_CHANGE = ("resume", "trainer.num_steps", "tracking.uri", "trainer.progress",
-                     "trainer.compilation_cache", "trainer.compilation_cache_dir")
+                     "trainer.compilation_cache", "trainer.compilation_cache_dir", "data.cache")
 
 
 def resume_config(stored: dict, overrides: list[str], composed: DictConfig, *,

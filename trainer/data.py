@@ -38,6 +38,8 @@ class Dataset:
       feature_names: D names. target_names: T names (regression) or one name.
       class_names: the label of each class (classification), else empty.
       target_mean, target_std: ``(T,)`` float64; original target = y * std + mean.
+      baseline: the linear baseline's test metrics (``evaluate.linear_baseline``) when
+        known at load (``data_cache``), else None.
     """
 
     name: str
@@ -53,6 +55,7 @@ class Dataset:
     class_names: tuple[str, ...] = ()
     target_mean: np.ndarray | None = None
     target_std: np.ndarray | None = None
+    baseline: dict[str, float] | None = None
 
     @property
     def in_features(self) -> int:
@@ -104,8 +107,9 @@ def load_dataset(data, *, seed: int) -> Dataset:
 
 
 def load_member_datasets(configs: list, launch_dir: Path) -> list[Dataset]:
-    """Each member's split (``load_dataset``), loaded once per seed (the split depends on
-    the seed only); a relative ``data.path`` is taken from ``launch_dir``.
+    """Each member's split (``load_dataset``, through ``data_cache`` unless
+    ``data.cache=false``), loaded once per seed (the split depends on the seed only); a
+    relative ``data.path`` is taken from ``launch_dir``.
 
     Args:
       configs: the members' ``config.Config``.
@@ -121,7 +125,12 @@ def load_member_datasets(configs: list, launch_dir: Path) -> list[Dataset]:
         if data.path and not Path(data.path).expanduser().is_absolute():
             data = dataclasses.replace(data, path=str(Path(launch_dir) / data.path))
         if cfg.seed not in by_seed:
-            by_seed[cfg.seed] = load_dataset(data, seed=cfg.seed)
+            if data.cache:
+                from . import data_cache
+
+                by_seed[cfg.seed] = data_cache.load(data, seed=cfg.seed)
+            else:
+                by_seed[cfg.seed] = load_dataset(data, seed=cfg.seed)
     return [by_seed[cfg.seed] for cfg in configs]
 
 

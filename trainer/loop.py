@@ -652,7 +652,8 @@ def _finish(run: Run, state: TrainState, records: list[MemberRecord], checks: li
             if record.failed_step is None:
                 test = evaluate_test(dataset, outputs[m])
                 if cfg.seed not in baselines:
-                    baselines[cfg.seed] = linear_baseline(dataset)
+                    baselines[cfg.seed] = (dataset.baseline if dataset.baseline is not None
+                                           else linear_baseline(dataset))
                 final = [(f"test_{k}", v, num_steps) for k, v in test.items()]
                 final += [(f"baseline_test_{k}", v, num_steps)
                           for k, v in baselines[cfg.seed].items()]

@@ -36,7 +36,7 @@ from .checkpoint import CheckpointPlan, periodic_steps, upload_checkpoints
 from .resume import CHECKPOINT_TAG
 from .tracking import (PARENT_TAG, MlflowTracker, Store, child_runs, config_hash,
                        environment_tags, finished_runs, flatten_config, get_or_create_experiment,
-                       metric_histories, metric_history, open_store, resolve_store, resume_run,
+                       log_batch, metric_histories, metric_history, open_store, resolve_store, resume_run,
                        start_run)
 
 __all__ = ["new_sweep_id", "run_population_job", "resume_population", "summarize_parent",
@@ -279,8 +279,6 @@ def summarize_parent(client, experiment_id: str, parent_run_id: str, *,
     Returns:
       the best member's summary row, or None when no member finished.
     """
-    from mlflow.entities import Metric, Param, RunTag
-
     parent = client.get_run(parent_run_id)
     runs = child_runs(client, experiment_id, parent_run_id)
     skipped_ids = [v for k, v in parent.data.tags.items() if k.startswith("skipped.")]
@@ -299,25 +297,24 @@ def summarize_parent(client, experiment_id: str, parent_run_id: str, *,
         rows.append(row)
     finished = [r for r in rows if r["status"] == "FINISHED" and "val_loss" in r["metrics"]]
     now = int(time.time() * 1000)
-    metrics = [Metric("members", len(rows), now, 0),
-               Metric("failed_members", sum(r["status"] == "FAILED" for r in rows), now, 0),
-               Metric("skipped_members", len(skipped), now, 0), Metric("groups", num_groups, now, 0)]
+    metrics = [("members", len(rows), now, 0),
+               ("failed_members", sum(r["status"] == "FAILED" for r in rows), now, 0),
+               ("skipped_members", len(skipped), now, 0), ("groups", num_groups, now, 0)]
     tags, params, best = {}, [], None
     if finished:
         best = min(finished, key=lambda r: r["metrics"]["val_loss"])
         tags = {"best.run_id": best["run_id"], "best.run_name": best["run_name"]}
         existing = parent.data.params
-        params = [Param(f"best.{k}", str(v)) for k, v in best["values"].items()
+        params = [(f"best.{k}", str(v)) for k, v in best["values"].items()
                   if f"best.{k}" not in existing]
-        metrics += [Metric(f"best/{k}", v, now, 0) for k, v in best["metrics"].items()]
+        metrics += [(f"best/{k}", v, now, 0) for k, v in best["metrics"].items()]
         names = sorted({k for r in finished for k in r["metrics"]})
         for name in names:
             values = [r["metrics"][name] for r in finished if name in r["metrics"]]
             for stat, value in (("min", min(values)), ("median", statistics.median(values)),
                                 ("max", max(values))):
-                metrics.append(Metric(f"final/{name}/{stat}", value, now, 0))
-    client.log_batch(parent_run_id, metrics=metrics, params=params,
-                     tags=[RunTag(k, v) for k, v in tags.items()])
+                metrics.append((f"final/{name}/{stat}", value, now, 0))
+    log_batch(client, parent_run_id, metrics=metrics, params=params, tags=list(tags.items()))
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="trainer-sweep-") as tmp:

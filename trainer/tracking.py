@@ -23,7 +23,8 @@ from typing import Iterable, Iterator
 
 from . import signals
 
-__all__ = ["Store", "resolve_store", "open_store", "get_or_create_experiment", "start_run",
+__all__ = ["Store", "resolve_store", "open_store", "open_store_here", "use_store_process",
+           "log_batch", "get_or_create_experiment", "start_run",
            "resume_run", "find_resumable", "metric_histories", "download_checkpoints",
            "MlflowTracker", "Terminated", "TrackingError", "flatten_config", "environment_tags",
            "ui_command"]
@@ -90,7 +91,41 @@ def resolve_store(uri: str | None, launch_dir: Path) -> Store:
     return Store(uri, None, None, (launch_dir / "mlruns" / "checkpoints").resolve())
 
 
+_STORE_PROCESS = None
+
+
+def use_store_process(process) -> None:
+    """Send this process's MLflow calls to ``process`` (a ``store_process.StoreProcess``,
+    started by the CLI before it imports JAX), or back in-process with None.
+
+    Explicit, not automatic: the CLI's jobs and the Hydra sweeper (which opens a
+    sweep's parent run in the same process) use it; library use and tests keep a
+    plain ``MlflowClient``.
+    """
+    global _STORE_PROCESS
+    _STORE_PROCESS = process
+
+
 def open_store(store: Store):
+    """The client of ``store``, opened (``open_store_here``) in the store process when
+    one is in use (``use_store_process``), else in this process.
+
+    Returns:
+      a ``store_process.RemoteClient`` or an ``mlflow.MlflowClient``.
+
+    Raises:
+      TrackingError: the store cannot be opened.
+    """
+    if _STORE_PROCESS is not None and not _STORE_PROCESS.broken:
+        from .store_process import RemoteClient
+
+        client = RemoteClient(_STORE_PROCESS, store)
+        client.open()
+        return client
+    return open_store_here(store)
+
+
+def open_store_here(store: Store):
     """Create, migrate and check the store once, under a file lock for local SQLite.
 
     Processes that start together on a store that does not exist yet would
@@ -240,18 +275,14 @@ class MlflowTracker:
             self.log_s += time.perf_counter() - t0
 
     def log_params(self, params: dict[str, str]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)) for k, v in params.items()]
+        items = [(k, str(v)) for k, v in params.items()]
         with self._timed():
             for i in range(0, len(items), PARAMS_PER_BATCH):
-                self.client.log_batch(self.run_id, params=items[i:i + PARAMS_PER_BATCH])
+                log_batch(self.client, self.run_id, params=items[i:i + PARAMS_PER_BATCH])
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
-
         with self._timed():
-            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            log_batch(self.client, self.run_id, tags=[(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, points: Iterable[tuple[str, float, int]]) -> int:
         """Log ``(name, value, step)`` points in batches; drop non-finite values (case C07).
@@ -262,8 +293,6 @@ class MlflowTracker:
         Returns:
           the number of points dropped for being NaN or infinite.
         """
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         dropped = 0
         for name, value, step in points:
@@ -271,7 +300,7 @@ class MlflowTracker:
             if not math.isfinite(value):
                 dropped += 1
                 continue
-            self._buffer.append(Metric(name, value, now, int(step)))
+            self._buffer.append((name, value, now, int(step)))
         if (len(self._buffer) >= METRICS_PER_BATCH
                 or time.perf_counter() - self._last_send >= self.send_every_s):
             self._send()
@@ -282,7 +311,7 @@ class MlflowTracker:
             buffer, self._buffer = self._buffer, []
             for i in range(0, len(buffer), METRICS_PER_BATCH):
                 self._pending.append(_writer().submit(
-                    self.client.log_batch, self.run_id, metrics=buffer[i:i + METRICS_PER_BATCH]))
+                    log_batch, self.client, self.run_id, metrics=buffer[i:i + METRICS_PER_BATCH]))
             self._last_send = time.perf_counter()
             # Back-pressure: when the writer falls behind, wait for the oldest batches.
             while len(self._pending) > MAX_PENDING_BATCHES:
@@ -315,6 +344,19 @@ class MlflowTracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         with self._timed():
             self.client.log_text(self.run_id, text, artifact_file)
+
+
+def log_batch(client, run_id: str, metrics=(), params=(), tags=()) -> None:
+    """``client.log_batch`` from plain tuples: metrics ``(key, value, timestamp_ms, step)``,
+    params and tags ``(key, value)`` (a ``RemoteClient`` sends them as they are, so the
+    CLI's process needs no MLflow classes)."""
+    if hasattr(client, "log_batch_plain"):
+        client.log_batch_plain(run_id, metrics=metrics, params=params, tags=tags)
+        return
+    from mlflow.entities import Metric, Param, RunTag
+
+    client.log_batch(run_id, metrics=[Metric(*m) for m in metrics],
+                     params=[Param(*p) for p in params], tags=[RunTag(*t) for t in tags])
 
 
 def _identity() -> dict[str, str]:

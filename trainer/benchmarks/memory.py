@@ -39,6 +39,21 @@ Checked first: the chain's value and gradient against the closed forms
 the forward loss; ``remat`` and ``sqrt_remat`` gradients equal plain gradients.
 Time: at the largest depth, ``remat`` and ``sqrt_remat`` gradient time over plain
 gradient time (sampled in turn).
+
+The allocation experiment (the seed notebook's question: what happens to the memory
+held when 1024 elements become slightly more or fewer, and why powers of two are
+liked): for arrays of ``alloc_elements`` (1000, 1023, 1024, 1025, 2048) float32 and
+float64 elements, the bytes actually held beside the bytes requested (``allocation_sizes``):
+  * ``xla_bytes`` (every backend): what XLA's buffer assignment reserves for one
+    temporary of that size: the temp bytes of a program that keeps three sorted copies
+    alive for a concatenation, less those of one that keeps two (each buffer but the
+    last is padded to the assignment's alignment, so the difference is one padded
+    buffer);
+  * ``allocator_bytes`` (backends with allocator statistics, i.e. GPU): the device
+    allocator's ``bytes_in_use`` after ``jax.device_put`` of the array, less before
+    (its rounding of a request);
+  * ``on_device_bytes``: ``jax.Array`` ``on_device_size_in_bytes`` (the runtime's own
+    figure; on CPU the request).
 """
 
 from __future__ import annotations
@@ -64,7 +79,7 @@ from .harness import (HIGHER, LOWER, BenchResult, Recorder, compile_timed,
 from .. import measure
 
 __all__ = ["Sizes", "QUICK", "run", "chain_loss", "deep_loss", "segment_size",
-           "residual_bytes", "probe_peak_bytes"]
+           "residual_bytes", "probe_peak_bytes", "allocation_sizes"]
 
 NAME = "memory"
 GRAD_KINDS = ("grad", "remat", "sqrt_remat")  # the ways to differentiate a deep net
@@ -80,6 +95,7 @@ class Sizes:
     repeats: int = 9                            # timed samples of each gradient (largest depth)
     min_time_s: float = 0.05                    # one sample loops calls for at least this
     probe_workers: int = 8                      # GPU peak-bytes subprocesses run at once
+    alloc_elements: tuple[int, ...] = (1000, 1023, 1024, 1025, 2048)  # allocation experiment
 
 
 QUICK = Sizes(depths=(4, 16), repeats=3, min_time_s=0.02)
@@ -208,6 +224,45 @@ def probe_peak_bytes(spec: dict) -> int:
     return measure.device_peak_bytes(device) - int(before)
 
 
+def _kept_copies_temp_bytes(n: int, dtype, copies: int) -> int:
+    """XLA temp bytes of a program that keeps ``copies`` sorted copies of an ``(n,)`` array
+    alive until one concatenation (a sort cannot fuse into it, so each is a buffer)."""
+    def keep(x):
+        return jnp.concatenate([jnp.sort(x * (i + 1)) for i in range(copies)])
+
+    spec = jax.ShapeDtypeStruct((n,), dtype)
+    return measure.compiled_memory(jax.jit(keep).lower(spec).compile()).get("temp_bytes", 0)
+
+
+def allocation_sizes(elements=(1000, 1023, 1024, 1025, 2048),
+                     dtypes=("float32", "float64")) -> list[dict]:
+    """Bytes held for ``(n,)`` arrays against the bytes requested; see the module docstring.
+
+    Returns:
+      one dict per (dtype, n): ``dtype``, ``elements``, ``requested_bytes``,
+      ``xla_bytes``, ``on_device_bytes`` and, where the backend keeps allocator
+      statistics, ``allocator_bytes``.
+    """
+    device = jax.devices()[0]
+    rows = []
+    with jax.enable_x64(True):  # float64 arrays; the caller's mode is restored after
+        for dtype in dtypes:
+            for n in elements:
+                itemsize = np.dtype(dtype).itemsize
+                row = {"dtype": dtype, "elements": n, "requested_bytes": n * itemsize,
+                       "xla_bytes": _kept_copies_temp_bytes(n, dtype, 3)
+                       - _kept_copies_temp_bytes(n, dtype, 2)}
+                before = (device.memory_stats() or {}).get("bytes_in_use")
+                array = jax.block_until_ready(jax.device_put(np.ones(n, dtype), device))
+                after = (device.memory_stats() or {}).get("bytes_in_use")
+                if before is not None and after is not None:
+                    row["allocator_bytes"] = int(after - before)
+                row["on_device_bytes"] = int(array.addressable_data(0).on_device_size_in_bytes())
+                del array
+                rows.append(row)
+    return rows
+
+
 def _probe_all(specs: list[dict], workers: int) -> list[int]:
     """``probe_peak_bytes`` of each spec, each in a fresh subprocess."""
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",
@@ -326,9 +381,51 @@ def run(sizes: Sizes = Sizes(), workdir: Path | None = None, *,
                        show=f"  {family} depth {deepest}: {kind} saves {share:.0%} of the "
                             f"gradient's temp bytes and costs {ratio.median_s:.2f}x its time "
                             f"(spread {ratio.spread:.0%})")
+    allocations = allocation_sizes(sizes.alloc_elements)
+    for row in allocations:
+        base = f"{NAME}/alloc/{row['dtype']}/n{row['elements']}"
+        held = {k: row[k] for k in ("xla_bytes", "allocator_bytes") if k in row}
+        for key, value in held.items():
+            rec.figure(f"{base}/{key}", value, "bytes", direction=LOWER, show=False,
+                       description=f"bytes held for {row['elements']} {row['dtype']} "
+                                   f"({row['requested_bytes']} requested): "
+                                   + ("XLA buffer assignment" if key == "xla_bytes"
+                                      else "device allocator"))
+        rec.note(f"{row['elements']:>5} x {row['dtype']}: requested {row['requested_bytes']} B, "
+                 + ", ".join(f"{k.removesuffix('_bytes')} holds {v} B "
+                             f"(+{v - row['requested_bytes']})" for k, v in held.items()))
     if workdir is not None:
         rec.plot(_plot(sizes, temp, resid, peaks, workdir / "memory_depth.png"))
+        rec.plot(_plot_allocations(allocations, workdir / "memory_allocation.png"))
     return rec.done()
+
+
+def _plot_allocations(rows: list[dict], path: Path) -> Path:
+    """Bytes held over bytes requested, per size and dtype, for each source measured."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4), dpi=100, layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, dtype in zip(axes, sorted({r["dtype"] for r in rows})):
+        mine = [r for r in rows if r["dtype"] == dtype]
+        labels = [str(r["elements"]) for r in mine]
+        xs = np.arange(len(mine))
+        sources = [k for k in ("xla_bytes", "allocator_bytes") if k in mine[0]]
+        width = 0.8 / (len(sources) + 1)
+        ax.bar(xs, [r["requested_bytes"] for r in mine], width, label="requested")
+        for i, key in enumerate(sources, start=1):
+            bars = ax.bar(xs + i * width, [r[key] for r in mine], width,
+                          label=key.removesuffix("_bytes").replace("xla", "XLA buffer "
+                                                                          "assignment"))
+            ax.bar_label(bars, labels=[f"+{r[key] - r['requested_bytes']}" for r in mine],
+                         fontsize=7)
+        ax.set_xticks(xs + width * len(sources) / 2, labels)
+        ax.set(xlabel="elements", ylabel="bytes",
+               title=f"{dtype} on {jax.default_backend()}: bytes held per array (label: padding)")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+    fig.savefig(path)
+    return path
 
 
 def _key(spec: dict) -> tuple:

@@ -1,0 +1,260 @@
+"""The MLflow store in a process of its own, started before the CLI imports JAX.
+
+``import mlflow`` and opening a SQLite store take about 4 s on a 2-core machine
+(pandas, SQLAlchemy, Alembic's migration check), and a thread cannot overlap
+that with ``import jax``: both are Python bytecode under one GIL (measured: no
+gain). A second process can. ``__main__.main`` calls ``start`` first thing; the
+child imports MLflow on the other core while the parent imports Hydra and JAX,
+composes the config and loads the data, so the store is open by the time the
+first run is created. The parent never imports MLflow.
+
+The parent talks to the child through ``RemoteClient``, a stand-in for
+``mlflow.MlflowClient``: each method call is sent over a socket pair
+(``multiprocessing.connection``), run by the child's real client and answered
+synchronously, in order. Answers come back as plain values: MLflow entities
+(``Run``, ``RunInfo``, ``Metric`` ...) become ``types.SimpleNamespace`` with the
+same attribute names, paged lists become lists. Errors come back as
+``tracking.TrackingError`` (kept as raised) or ``StoreError`` naming the original
+type. The child ignores SIGINT and SIGTERM (the parent closes its runs through it
+when stopped) and exits when the parent's end of the socket closes, also when the
+parent was killed. If the child is gone, the parent opens the store itself.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+__all__ = ["StoreError", "StoreProcess", "RemoteClient", "start"]
+
+
+class StoreError(RuntimeError):
+    """An MLflow call failed in the store process; the message starts with its type."""
+
+
+class StoreProcess:
+    """The running child and the parent's end of its socket.
+
+    Attributes:
+      process: the ``subprocess.Popen`` of ``python -m trainer.store_process``.
+    """
+
+    def __init__(self, process: subprocess.Popen, connection):
+        self.process = process
+        self._connection = connection
+        self._lock = threading.Lock()  # the metric writer thread and the main thread share it
+        self._unread = 0               # answers left unread by a call cut short by Ctrl-C
+        self._used = False
+        self.broken = False
+
+    def call(self, op: str, *args, **kwargs):
+        """Send one request and return its answer (raising the error it raised).
+
+        Raises:
+          ConnectionError: the store process is gone (``broken`` is then True).
+        """
+        from . import signals
+
+        with self._lock:
+            if self.broken:
+                raise ConnectionError("the store process has ended")
+            try:
+                with signals.blocked():  # a request is written whole or not at all
+                    while self._unread:
+                        self._connection.recv()
+                        self._unread -= 1
+                    self._connection.send((op, args, kwargs))
+                    self._used = True
+                self._unread += 1
+                # Waiting is interruptible (Ctrl-C while a slow server answers); reading
+                # the answer is not, so a stop never leaves half a message in the socket.
+                self._connection.poll(None)
+                with signals.blocked():
+                    status, value = self._connection.recv()
+                    self._unread -= 1
+            except (EOFError, OSError) as err:
+                self.broken = True
+                raise ConnectionError(f"the store process has ended ({err})") from None
+        if status == "error":
+            raise value
+        return value
+
+    def close(self) -> None:
+        """Close the parent's end; the child sees the end of its input and exits."""
+        with self._lock:
+            self.broken = True
+            self._connection.close()
+            if not self._used:  # nothing to finish (a usage error, --help): no orphan
+                self.process.kill()
+
+
+class RemoteClient:
+    """An ``mlflow.MlflowClient`` whose calls run in the store process.
+
+    Any method of ``MlflowClient`` can be called; arguments must pickle, and
+    answers are plain values (see the module docstring). ``log_batch_plain``
+    takes metrics, params and tags as tuples, so the parent needs no MLflow
+    entities. When the store process has ended, calls go to an in-process client
+    opened on first need.
+    """
+
+    def __init__(self, process: StoreProcess, store):
+        self._process = process
+        self._store = store
+        self._local = None
+
+    def _local_client(self):
+        if self._local is None:
+            from .tracking import open_store_here
+
+            self._local = open_store_here(self._store)
+        return self._local
+
+    def open(self) -> None:
+        """Open (create, migrate, check) the store in the store process.
+
+        Raises:
+          tracking.TrackingError: the store cannot be opened.
+        """
+        self._call("open")
+
+    def _call(self, name: str, *args, **kwargs):
+        if not self._process.broken:
+            try:
+                return self._process.call(name, self._store, *args, **kwargs)
+            except ConnectionError:
+                pass
+        if name == "open":
+            return self._local_client() and None
+        if name == "log_batch_plain":
+            from .tracking import log_batch
+
+            return log_batch(self._local_client(), *args, **kwargs)
+        return getattr(self._local_client(), name)(*args, **kwargs)
+
+    def log_batch_plain(self, run_id: str, metrics=(), params=(), tags=()) -> None:
+        """``log_batch`` with ``(key, value, timestamp_ms, step)`` metric tuples and
+        ``(key, value)`` param and tag tuples."""
+        self._call("log_batch_plain", run_id, list(metrics), list(params), list(tags))
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: self._call(name, *args, **kwargs)
+
+
+def start() -> StoreProcess | None:
+    """Start the store process (it begins importing MLflow at once).
+
+    Returns:
+      the process, or None when it cannot be started (the caller then opens the
+      store in-process, as before).
+    """
+    import multiprocessing.connection
+
+    try:
+        parent_end, child_end = multiprocessing.connection.Pipe(duplex=True)
+        env = dict(os.environ)
+        package_root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH"))
+                                            if p)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "trainer.store_process", str(child_end.fileno())],
+            pass_fds=(child_end.fileno(),), env=env, stdin=subprocess.DEVNULL)
+        child_end.close()
+    except OSError:
+        return None
+    return StoreProcess(process, parent_end)
+
+
+def plain(value, depth: int = 0):
+    """An MLflow answer as picklable plain values, without MLflow classes.
+
+    Entities (``mlflow.entities._mlflow_object._MlflowObject``: iterable as
+    ``(property, value)`` pairs) become ``SimpleNamespace``; lists and paged lists
+    become lists; dicts stay dicts; other objects become ``str``.
+    """
+    if value is None or isinstance(value, (str, int, float, bool, bytes)):
+        return value
+    if depth > 20:
+        return str(value)
+    if isinstance(value, dict):
+        return {k: plain(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v, depth + 1) for v in value]
+    from mlflow.entities._mlflow_object import _MlflowObject
+
+    if isinstance(value, _MlflowObject):
+        return SimpleNamespace(**{k: plain(v, depth + 1) for k, v in value})
+    return str(value)
+
+
+def _serve(connection) -> None:
+    """Answer requests until the parent closes its end (or dies)."""
+    import pickle
+
+    from . import tracking
+
+    clients: dict = {}
+
+    def client_for(store):
+        if store not in clients:
+            clients[store] = tracking.open_store_here(store)
+        return clients[store]
+
+    while True:
+        try:
+            op, args, kwargs = connection.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            store, *args = args
+            client = client_for(store)
+            if op == "open":
+                result = None
+            elif op == "log_batch_plain":
+                result = tracking.log_batch(client, *args, **kwargs)
+            else:
+                result = plain(getattr(client, op)(*args, **kwargs))
+            answer = ("ok", result)
+        except tracking.TrackingError as err:
+            answer = ("error", tracking.TrackingError(str(err)))
+        except Exception as err:  # noqa: BLE001 - sent to the parent, raised there
+            answer = ("error", StoreError(f"{type(err).__name__}: {err}"))
+        try:
+            pickle.dumps(answer)
+        except Exception as err:  # noqa: BLE001
+            answer = ("error", StoreError(f"answer to {op} cannot be sent: {err}"))
+        try:
+            connection.send(answer)
+        except OSError:
+            return
+
+
+def _main(fd: int) -> None:
+    import multiprocessing.connection
+
+    # Ctrl-C in a terminal reaches the whole process group: the parent handles it and
+    # still needs this process to close its runs; its exit ends this one (EOF).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    connection = multiprocessing.connection.Connection(fd)
+    # the slow part, done while the parent imports JAX
+    import mlflow  # noqa: F401
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+
+    _serve(connection)
+
+
+if __name__ == "__main__":
+    # through the module's own name, so the errors sent back pickle as
+    # trainer.store_process.StoreError, not __main__.StoreError
+    from trainer.store_process import _main as main
+
+    main(int(sys.argv[1]))
