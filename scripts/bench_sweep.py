@@ -2,7 +2,8 @@
 
 Usage: python scripts/bench_sweep.py [--python PATH] [--modes separate,multirun,population]
                                      [--repeats 3] [--multirun-extra "hydra/sweeper=basic"]
-                                     [--baseline-python PATH] [--warmup 1] [--json PATH] [--keep]
+                                     [--baseline-python PATH] [--baseline-modes M1,M2]
+                                     [--warmup 1] [--json PATH] [--keep]
 
 The sweep: ``+experiment=diabetes optim.learning_rate=1e-3,3e-3,1e-2,3e-2 seed=0,1,2,3``
 (4 learning rates x 4 seeds). A sample of a mode is the wall time, in seconds of
@@ -16,7 +17,8 @@ The sweep: ``+experiment=diabetes optim.learning_rate=1e-3,3e-3,1e-2,3e-2 seed=0
 - with ``--baseline-python`` (an interpreter that imports the code from before populations,
   e.g. a worktree of d01f514 with its own venv): ``separate_before`` and ``multirun_before``,
   the first two modes run by it (its multirun is one in-process job per point), in the
-  same repeats, so the "before" figures share the session's machine state.
+  same repeats, so the "before" figures share the session's machine state
+  (``--baseline-modes`` picks which).
 
 Every sample runs in a fresh temporary launch folder, so it writes a new SQLite store
 (``<launch>/mlruns/mlflow.db``). After timing, every command must have exited 0 and the store
@@ -164,6 +166,8 @@ def main() -> int:
     parser.add_argument("--multirun-extra", default="", help="extra overrides for multirun")
     parser.add_argument("--baseline-python", help="interpreter of the code before populations: "
                         "adds modes separate_before and multirun_before")
+    parser.add_argument("--baseline-modes", default=",".join(BEFORE),
+                        help="which of " + ",".join(BEFORE) + " --baseline-python runs")
     parser.add_argument("--warmup", type=int, default=1, help="untimed single-point runs first")
     parser.add_argument("--json", type=Path, help="write samples, medians and versions here")
     parser.add_argument("--keep", action="store_true", help="keep the launch folders")
@@ -174,8 +178,11 @@ def main() -> int:
     extra = shlex.split(args.multirun_extra)
     pythons = {m: args.python for m in modes}
     if args.baseline_python:
-        modes += list(BEFORE)
-        pythons.update({m: args.baseline_python for m in BEFORE})
+        before = [m for m in args.baseline_modes.split(",") if m]
+        if not before or set(before) - set(BEFORE):
+            parser.error(f"--baseline-modes must name some of {list(BEFORE)}")
+        modes += before
+        pythons.update({m: args.baseline_python for m in before})
 
     info = describe(args.python)
     print(f"{args.python}: trainer {info['git_head']}{' (dirty)' if info['git_dirty'] else ''}, "
