@@ -635,3 +635,25 @@ def test_c18_two_multiruns_started_together_get_own_sweep_folders(tmp_path):
     for sweep in sweeps:
         overrides_match_params(sweep / "0", by_folder[(sweep / "0").resolve()])
     assert sorted(r.data.params["optim.learning_rate"] for r in runs) == ["0.1", "0.9"]
+
+
+def test_c23_long_param_value_is_marked_not_cut_silently(run_cli, tmp_path):
+    """C23: a 7000-character run name finishes; the stored param (MLflow keeps 6000
+    characters) ends in a mark, the tag ``params.cut`` names it, config.yaml has it whole."""
+    import yaml
+
+    name = "n" * 6990 + "-the-end"
+    done = run_cli("+experiment=smoke", f"tracking.run_name={name}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = store_client(tmp_path)
+    (run,) = all_runs(client)
+    assert run.info.status == "FINISHED"
+    stored = run.data.params["tracking.run_name"]
+    assert len(stored) <= 6000 and stored != name[:len(stored)]
+    assert stored.startswith("n" * 100) and "[cut: 6998 characters" in stored
+    assert run.data.tags["params.cut"] == "tracking.run_name"
+    other = {k: v for k, v in run.data.params.items() if k != "tracking.run_name"}
+    assert not [k for k, v in other.items() if "[cut:" in v]
+    config = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml"))
+                            .read_text())
+    assert config["tracking"]["run_name"] == name

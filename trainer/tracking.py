@@ -30,6 +30,9 @@ __all__ = ["Store", "resolve_store", "open_store", "open_store_here", "use_store
            "ui_command"]
 
 PARAMS_PER_BATCH = 100     # MLflow's limit of params in one log_batch call
+PARAM_VALUE_LIMIT = 6000   # characters MLflow keeps of a param value (MAX_PARAM_VAL_LENGTH)
+TAG_VALUE_LIMIT = 8000     # ... of a tag value (MAX_TAG_VAL_LENGTH)
+CUT_TAG = "params.cut"     # names the params whose stored value was cut (case C23)
 METRICS_PER_BATCH = 1000   # MLflow's limit of metrics in one log_batch call
 MAX_PENDING_BATCHES = 4    # per run: a loop that logs faster than the store writes waits here,
                            # so the backlog (and the wait at the end, or after Ctrl-C) stays small
@@ -275,14 +278,26 @@ class MlflowTracker:
             self.log_s += time.perf_counter() - t0
 
     def log_params(self, params: dict[str, str]) -> None:
-        items = [(k, str(v)) for k, v in params.items()]
+        """Log params; a value longer than MLflow keeps is cut with a visible mark and its key
+        listed in the tag ``params.cut`` (case C23: MLflow would cut it silently; the
+        run's ``config.yaml`` artifact has every value whole)."""
+        items, cut = [], []
+        for key, value in params.items():
+            value, was_cut = mark_cut(str(value), PARAM_VALUE_LIMIT)
+            items.append((key, value))
+            if was_cut:
+                cut.append(key)
         with self._timed():
             for i in range(0, len(items), PARAMS_PER_BATCH):
                 log_batch(self.client, self.run_id, params=items[i:i + PARAMS_PER_BATCH])
+        if cut:
+            self.set_tags({CUT_TAG: ", ".join(cut)})
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        """Set tags; an over-long value is cut with a visible mark (``mark_cut``)."""
         with self._timed():
-            log_batch(self.client, self.run_id, tags=[(k, str(v)) for k, v in tags.items()])
+            log_batch(self.client, self.run_id,
+                      tags=[(k, mark_cut(str(v), TAG_VALUE_LIMIT)[0]) for k, v in tags.items()])
 
     def log_metrics(self, points: Iterable[tuple[str, float, int]]) -> int:
         """Log ``(name, value, step)`` points in batches; drop non-finite values (case C07).
@@ -344,6 +359,15 @@ class MlflowTracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         with self._timed():
             self.client.log_text(self.run_id, text, artifact_file)
+
+
+def mark_cut(value: str, limit: int) -> tuple[str, bool]:
+    """``(value, False)`` when it fits in ``limit`` characters, else its start ending in a
+    mark that says it was cut and where the whole value is, and True (case C23)."""
+    if len(value) <= limit:
+        return value, False
+    mark = f" ...[cut: {len(value)} characters; the whole value is in config.yaml]"
+    return value[:limit - len(mark)] + mark, True
 
 
 def log_batch(client, run_id: str, metrics=(), params=(), tags=()) -> None:
