@@ -8,7 +8,9 @@ overrides, reuse one run for several checks and start independent jobs side by s
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -657,3 +659,48 @@ def test_c23_long_param_value_is_marked_not_cut_silently(run_cli, tmp_path):
     config = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml"))
                             .read_text())
     assert config["tracking"]["run_name"] == name
+
+
+def test_ctrl_c_with_a_hung_store_process_still_ends_the_run(tmp_path):
+    """A store process that stops answering (SIGSTOP here; a hung server or lock alike)
+    must not make Ctrl-C wait for it: the job gives it up, closes the run KILLED
+    in-process and exits 130; the child does not outlive the job."""
+    log = tmp_path / "cli.log"
+    proc = start_cli(SMOKE, *LONG_RUN, cwd=tmp_path, log=log)
+    child = None
+    try:
+        client, run_id = wait_for_training(proc, log, tmp_path)
+        found = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "trainer.store_process"],
+                               capture_output=True, text=True).stdout.split()
+        assert len(found) == 1, found
+        child = int(found[0])
+        os.kill(child, signal.SIGSTOP)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        returncode = proc.wait(timeout=60)
+        took = time.monotonic() - started
+    finally:
+        if child is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGCONT)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = log.read_text()
+    assert returncode == 130, output
+    assert took < 45, f"the stop waited {took:.0f} s for the hung store process"
+    assert "store process ended" in output
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED", output
+    assert run.data.tags.get("error") == "interrupted (Ctrl-C)"
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(child, os.WNOHANG)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the store process outlived the job")

@@ -112,7 +112,7 @@ def test_corrupt_or_unwritable_dataset_cache_only_warns(tmp_path):
     good = data_cache.load(_data(), seed=0, directory=tmp_path / "c")
     (entry,) = (tmp_path / "c").glob("*.npz")
     entry.write_bytes(b"not a zip file")
-    with pytest.warns(UserWarning, match="unreadable"):
+    with pytest.warns(UserWarning, match="is damaged"):
         again = data_cache.load(_data(), seed=0, directory=tmp_path / "c")
     np.testing.assert_array_equal(again.x_train, good.x_train)
     assert again.baseline == good.baseline

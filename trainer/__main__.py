@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import sys
 import time
 import warnings
@@ -35,13 +36,27 @@ def main() -> int:
     # MLflow's import and the store's opening run in a second process while this one
     # imports JAX (store_process); first, so that they overlap everything below.
     store_process = None
-    if runs:
-        from . import store_process as store_process_module, tracking
+    from . import signals, tracking
 
-        store_process = store_process_module.start()
-        tracking.use_store_process(store_process)
+    def on_sigterm(signum, frame):  # until a run installs its own: a message, not silence
+        signals.mark_stopping()
+        raise tracking.Terminated("received signal SIGTERM")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not if ignored
+        signal.signal(signal.SIGINT, signals.on_sigint)
     try:
+        if runs:
+            from . import store_process as store_process_module
+
+            store_process = store_process_module.start()
+            tracking.use_store_process(store_process)
         return _main(args, runs)
+    except KeyboardInterrupt as err:  # also while importing, before Hydra runs
+        if not getattr(err, "reported", False):  # stopped before any run was opened
+            print(f"stopped: {str(err) or 'interrupted (Ctrl-C)'}; no run was open",
+                  file=sys.stderr, flush=True)
+        return EXIT_SIGTERM if isinstance(err, tracking.Terminated) else EXIT_SIGINT
     finally:
         if store_process is not None:
             store_process.close()
@@ -74,15 +89,7 @@ def _main(args, runs: bool) -> int:
     def task(cfg) -> None:
         exit_codes.append(run_job(cfg, err_console))
 
-    try:
-        hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)()
-    except KeyboardInterrupt as err:
-        from .tracking import Terminated
-
-        if not getattr(err, "reported", False):  # stopped before any run was opened
-            err_console.print(f"[bold red]stopped:[/] {str(err) or 'interrupted (Ctrl-C)'}; "
-                              "no run was open")
-        return EXIT_SIGTERM if isinstance(err, Terminated) else EXIT_SIGINT
+    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)()
     return max(exit_codes, default=0)
 
 
@@ -134,15 +141,18 @@ def run_job(cfg, err_console) -> int:
             experiment = resumed.document.get("experiment", experiment)
         # before anything starts JAX's backend: the member axis's host devices
         host_devices = set_host_devices(c.population.host_devices)
+        # the caches' warnings (a folder that cannot be written, a damaged entry) as one line each
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            cache = compile_cache.enable(c.trainer.compilation_cache_dir,
-                                         on=c.trainer.compilation_cache)
-        for warning in caught:
-            err_console.print(f"[yellow]warning:[/] {warning.message}")
-        members = member_configs(cfg) if c.population.members else None
-        datasets = [] if c.mode != "train" else load_member_datasets(
-            [to_config(member) for _, member in members or [({}, cfg)]], launch_dir)
+            try:
+                cache = compile_cache.enable(c.trainer.compilation_cache_dir,
+                                             on=c.trainer.compilation_cache)
+                members = member_configs(cfg) if c.population.members else None
+                datasets = [] if c.mode != "train" else load_member_datasets(
+                    [to_config(member) for _, member in members or [({}, cfg)]], launch_dir)
+            finally:
+                for warning in caught:
+                    err_console.print(f"[yellow]warning:[/] {warning.message}")
         dataset = datasets[0] if datasets else None
     except (ConfigError, DataError) as err:
         kind = "config" if isinstance(err, ConfigError) else "data"

@@ -73,8 +73,9 @@ def load(data, *, seed: int, directory: Path | None = None) -> Dataset:
         try:
             return _read(entry)
         except Exception as err:  # noqa: BLE001 - any damage means: load from the source
-            warnings.warn(f"dataset cache entry {entry} is unreadable ({type(err).__name__}: "
-                          f"{err}); loading {data.kind} from its source", stacklevel=2)
+            warnings.warn(f"dataset cache entry {entry} is damaged ({type(err).__name__}); "
+                          f"loading {data.kind} from its source and writing it again",
+                          stacklevel=2)
     from .evaluate import linear_baseline
 
     dataset = load_dataset(data, seed=seed)
@@ -117,6 +118,9 @@ def _write(entry: Path, dataset: Dataset) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as a plain file would be, not mkstemp's 0600
         os.replace(tmp, entry)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -27,9 +27,14 @@ __all__ = ["Renderer", "default_workers"]
 
 def _watch_parent(parent_pid: int) -> None:
     """Worker initializer: exit when the parent is gone (a SIGKILLed run would otherwise
-    leave its idle workers behind, blocked on their queue)."""
+    leave its idle workers behind, blocked on their queue), and leave Ctrl-C to the
+    parent (a terminal sends it to the whole process group; the parent shuts the pool
+    down, and a worker's own traceback would only bury the parent's message)."""
+    import signal
     import threading
     import time
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def watch() -> None:
         while os.getppid() == parent_pid:

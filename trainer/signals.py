@@ -6,7 +6,26 @@ import contextlib
 import signal
 from typing import Iterator
 
-__all__ = ["blocked"]
+__all__ = ["blocked", "stopping", "mark_stopping", "on_sigint"]
+
+_STOPPING = False
+
+
+def stopping() -> bool:
+    """Whether this process was asked to stop (Ctrl-C or SIGTERM seen by our handlers):
+    waits on other processes then give up sooner (``store_process``)."""
+    return _STOPPING
+
+
+def mark_stopping() -> None:
+    global _STOPPING
+    _STOPPING = True
+
+
+def on_sigint(signum, frame):
+    """Python's default SIGINT handler (raise ``KeyboardInterrupt``), remembering the stop."""
+    mark_stopping()
+    raise KeyboardInterrupt
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ parent was killed. If the child is gone, the parent opens the store itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -31,6 +32,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 __all__ = ["StoreError", "StoreProcess", "RemoteClient", "start"]
+
+GIVE_UP_S = 5.0  # a stopped job waits this long for a child that does not answer
+PARENT_GONE_GRACE_S = 30.0  # a child whose parent died finishes a request this long
 
 
 class StoreError(RuntimeError):
@@ -56,7 +60,8 @@ class StoreProcess:
         """Send one request and return its answer (raising the error it raised).
 
         Raises:
-          ConnectionError: the store process is gone (``broken`` is then True).
+          ConnectionError: the store process is gone or was given up (``broken`` is
+            then True).
         """
         from . import signals
 
@@ -64,25 +69,61 @@ class StoreProcess:
             if self.broken:
                 raise ConnectionError("the store process has ended")
             try:
-                with signals.blocked():  # a request is written whole or not at all
-                    while self._unread:
+                while self._unread:  # answers to calls cut short by Ctrl-C
+                    self._wait()
+                    with signals.blocked():
                         self._connection.recv()
                         self._unread -= 1
+                with signals.blocked():  # a request is written whole or not at all
                     self._connection.send((op, args, kwargs))
                     self._used = True
                 self._unread += 1
-                # Waiting is interruptible (Ctrl-C while a slow server answers); reading
-                # the answer is not, so a stop never leaves half a message in the socket.
-                self._connection.poll(None)
+                self._wait()
                 with signals.blocked():
                     status, value = self._connection.recv()
                     self._unread -= 1
             except (EOFError, OSError) as err:
-                self.broken = True
+                self._give_up()
                 raise ConnectionError(f"the store process has ended ({err})") from None
         if status == "error":
             raise value
         return value
+
+    def _wait(self) -> None:
+        """Wait for an answer. Interruptible (Ctrl-C while a slow server answers), while
+        reading it is not, so a stop never leaves half a message in the socket. Once the
+        job was asked to stop (``signals.stopping``, or a signal held pending while a run
+        is closed), a child that has not answered in ``GIVE_UP_S`` is given up, so that
+        the run is closed in-process instead of waiting on it.
+
+        Raises:
+          EOFError: the child ended, or was given up.
+        """
+        import signal
+
+        from . import signals
+
+        waited = 0.0
+        while not self._connection.poll(0.5):
+            waited += 0.5
+            if self.process.poll() is not None:
+                raise EOFError(f"exit code {self.process.returncode}")
+            if waited < GIVE_UP_S:
+                continue
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+            pending = signal.sigpending() & held & {signal.SIGINT, signal.SIGTERM}
+            if pending or signals.stopping():
+                raise EOFError(f"no answer in {waited:.0f} s after a stop")
+
+    def _give_up(self) -> None:
+        if not self.broken:
+            self.broken = True
+            with contextlib.suppress(OSError):
+                self._connection.close()
+            with contextlib.suppress(OSError):
+                self.process.kill()
+            print("warning: the MLflow store process ended; this process writes the store "
+                  "itself from here on", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         """Close the parent's end; the child sees the end of its input and exits."""
@@ -194,6 +235,20 @@ def plain(value, depth: int = 0):
     return str(value)
 
 
+def _watch_parent(parent_pid: int, busy: threading.Event) -> None:
+    """Exit when the parent is gone: at once when idle, else when the request in hand
+    ends or after ``PARENT_GONE_GRACE_S`` (half-made store migrations are worse than a
+    short wait; a request that hangs, such as a lock that is never free, is not)."""
+    import time
+
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    deadline = time.monotonic() + PARENT_GONE_GRACE_S
+    while busy.is_set() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os._exit(0)
+
+
 def _serve(connection) -> None:
     """Answer requests until the parent closes its end (or dies)."""
     import pickle
@@ -201,10 +256,14 @@ def _serve(connection) -> None:
     from . import tracking
 
     clients: dict = {}
+    parent_pid = os.getppid()
+    busy = threading.Event()
+    threading.Thread(target=_watch_parent, args=(parent_pid, busy), daemon=True,
+                     name="trainer-store-watch").start()
 
     def client_for(store):
         if store not in clients:
-            clients[store] = tracking.open_store_here(store)
+            clients[store] = tracking.open_store_here(store, owner_pid=parent_pid)
         return clients[store]
 
     while True:
@@ -212,6 +271,7 @@ def _serve(connection) -> None:
             op, args, kwargs = connection.recv()
         except (EOFError, OSError):
             return
+        busy.set()
         try:
             store, *args = args
             client = client_for(store)
@@ -230,6 +290,7 @@ def _serve(connection) -> None:
             pickle.dumps(answer)
         except Exception as err:  # noqa: BLE001
             answer = ("error", StoreError(f"answer to {op} cannot be sent: {err}"))
+        busy.clear()
         try:
             connection.send(answer)
         except OSError:

@@ -128,13 +128,17 @@ def open_store(store: Store):
     return open_store_here(store)
 
 
-def open_store_here(store: Store):
+def open_store_here(store: Store, *, owner_pid: int | None = None):
     """Create, migrate and check the store once, under a file lock for local SQLite.
 
     Processes that start together on a store that does not exist yet would
     otherwise each run MLflow's schema migrations and crash (case C05). Inside
     the same lock, runs left RUNNING on this host by processes that no longer
     exist (SIGKILL, out of memory) are marked KILLED.
+
+    Args:
+      owner_pid: the job's process, whose runs are never marked (default: this one;
+        the store process passes its parent's).
 
     Returns:
       an ``mlflow.MlflowClient`` bound to ``store.tracking_uri``.
@@ -152,7 +156,7 @@ def open_store_here(store: Store):
         with _store_lock(store):
             client = MlflowClient(tracking_uri=store.tracking_uri)
             client.search_experiments(max_results=1)  # builds and migrates the store
-            _mark_dead_runs_killed(client)
+            _mark_dead_runs_killed(client, owner_pid or os.getpid())
     except Exception as err:  # MLflow raises several types; all mean the same to the user
         raise TrackingError(f"cannot open the tracking store {store.tracking_uri}: "
                             f"{' '.join(str(err).split())[:500]} (set tracking.uri or "
@@ -214,7 +218,9 @@ def _alive(pid: int, start: str | None) -> bool:
     return start is None or _process_start(pid) in (None, start)
 
 
-def _mark_dead_runs_killed(client) -> None:
+def _mark_dead_runs_killed(client, owner_pid: int) -> None:
+    """Mark KILLED the RUNNING runs of this host whose process is gone; ``owner_pid`` is
+    the job's process (the store process works for it)."""
     host = socket.gethostname()
     experiments = [e.experiment_id for e in client.search_experiments(max_results=50_000)]
     if not experiments:
@@ -228,11 +234,11 @@ def _mark_dead_runs_killed(client) -> None:
             pid = int(tags.get("pid", ""))
         except ValueError:
             continue
-        if pid == os.getpid() or _alive(pid, tags.get("pid_start")):
+        if pid == owner_pid or _alive(pid, tags.get("pid_start")):
             continue
         client.set_tag(run.info.run_id, "killed_reason",
                        f"process {pid} on {host} ended without closing the run "
-                       f"(found by process {os.getpid()})")
+                       f"(found by process {owner_pid})")
         client.set_terminated(run.info.run_id, "KILLED")
 
 
@@ -439,6 +445,7 @@ def _closing(client, run_id: str) -> Iterator[MlflowTracker]:
     tracker = MlflowTracker(client, run_id)
 
     def on_sigterm(signum, frame):
+        signals.mark_stopping()
         raise Terminated(f"received signal {signal.Signals(signum).name}")
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
