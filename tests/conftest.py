@@ -41,6 +41,25 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Wait until process ``pid`` no longer exists (reaping it if it is our child);
+    False if it is still there after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
 @pytest.fixture
 def run_cli(tmp_path):
     """``run_cli(*args, cwd=tmp_path, env=None, timeout=300)`` runs ``python -m trainer``

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import split_runs, REPO, all_runs, cli_env, store_client
+from conftest import split_runs, REPO, all_runs, cli_env, store_client, wait_gone
 
 pytestmark = pytest.mark.slow
 
@@ -693,14 +693,5 @@ def test_ctrl_c_with_a_hung_store_process_still_ends_the_run(tmp_path):
     run = client.get_run(run_id)
     assert run.info.status == "KILLED", output
     assert run.data.tags.get("error") == "interrupted (Ctrl-C)"
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(child, os.WNOHANG)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            os.kill(child, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.2)
-    else:
+    if not wait_gone(child, 30):
         pytest.fail("the store process outlived the job")

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import wait_gone
+
 from trainer import render, report
 
 
@@ -97,7 +99,6 @@ def test_workers_exit_when_the_run_is_killed(tmp_path):
     import signal
     import subprocess
     import sys
-    import time
 
     script = ("import os, sys, time\n"
               "from trainer import render\n"
@@ -111,12 +112,6 @@ def test_workers_exit_when_the_run_is_killed(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     proc.stdout.close()
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            os.kill(worker, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    os.kill(worker, signal.SIGKILL)
-    raise AssertionError(f"worker {worker} outlived its SIGKILLed parent by 20 s")
+    if not wait_gone(worker, 20):
+        os.kill(worker, signal.SIGKILL)
+        raise AssertionError(f"worker {worker} outlived its SIGKILLed parent by 20 s")

@@ -16,14 +16,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import all_runs, cli_env, store_client
+from conftest import all_runs, cli_env, store_client, wait_gone
 
 from trainer import data_cache, store_process
 from trainer.config import DataConfig
@@ -207,18 +206,7 @@ def test_store_process_ends_with_its_parent_and_the_client_falls_back(tmp_path):
         child_pid = int(parent.stdout.readline())
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=30)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            os.kill(child_pid, 0)
-        except ProcessLookupError:
-            break
-        try:  # reap it if it is ours (it is the killed parent's child, reparented to init)
-            os.waitpid(child_pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        time.sleep(0.2)
-    else:
+    if not wait_gone(child_pid, 60):
         pytest.fail("the store process outlived its parent by 60 s")
 
     process = store_process.start()

@@ -26,7 +26,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["MAX_BYTES", "CacheStatus", "default_dir", "enable", "counts"]
+__all__ = ["MAX_BYTES", "CacheStatus", "default_dir", "cache_dir", "enable", "counts"]
 
 MAX_BYTES = 1 << 30   # 1 GiB; a diabetes run writes ~1 MB of entries
 
@@ -51,10 +51,16 @@ class CacheStatus:
 def default_dir() -> Path:
     """``$JAX_COMPILATION_CACHE_DIR``, else ``$XDG_CACHE_HOME/trainer/jax``, else
     ``~/.cache/trainer/jax``."""
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return Path(os.environ["JAX_COMPILATION_CACHE_DIR"]).expanduser()
+    return cache_dir("JAX_COMPILATION_CACHE_DIR", "jax")
+
+
+def cache_dir(variable: str, name: str) -> Path:
+    """``$variable`` if set, else ``$XDG_CACHE_HOME/trainer/<name>``, else
+    ``~/.cache/trainer/<name>``: where the machine-wide caches live."""
+    if os.environ.get(variable):
+        return Path(os.environ[variable]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "trainer" / "jax"
+    return Path(base).expanduser() / "trainer" / name
 
 
 def enable(path: str | Path | None = None, *, on: bool = True) -> CacheStatus:

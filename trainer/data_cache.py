@@ -43,10 +43,9 @@ _ARRAYS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test", "target_m
 def default_dir() -> Path:
     """``$TRAINER_DATA_CACHE_DIR``, else ``$XDG_CACHE_HOME/trainer/datasets``, else
     ``~/.cache/trainer/datasets``."""
-    if os.environ.get("TRAINER_DATA_CACHE_DIR"):
-        return Path(os.environ["TRAINER_DATA_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "trainer" / "datasets"
+    from .compile_cache import cache_dir
+
+    return cache_dir("TRAINER_DATA_CACHE_DIR", "datasets")
 
 
 def load(data, *, seed: int, directory: Path | None = None) -> Dataset:
