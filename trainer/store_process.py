@@ -16,8 +16,10 @@ synchronously, in order. Answers come back as plain values: MLflow entities
 same attribute names, paged lists become lists. Errors come back as
 ``tracking.TrackingError`` (kept as raised) or ``StoreError`` naming the original
 type. The child ignores SIGINT and SIGTERM (the parent closes its runs through it
-when stopped) and exits when the parent's end of the socket closes, also when the
-parent was killed. If the child is gone, the parent opens the store itself.
+when stopped) and exits when the parent's end of the socket closes, or when a
+watcher thread sees the parent gone (at once when idle, else after the request in
+hand or ``PARENT_GONE_GRACE_S``). If the child is gone, or after a stop has not
+answered for ``GIVE_UP_S``, the parent kills it, says so and opens the store itself.
 """
 
 from __future__ import annotations
