@@ -172,6 +172,11 @@ def _store_lock(store: Store) -> contextlib.AbstractContextManager:
     from filelock import FileLock
 
     store.lock_path.parent.mkdir(parents=True, exist_ok=True)
+    try:  # filelock retries a lock file it cannot create until its timeout, silently
+        os.close(os.open(store.lock_path, os.O_CREAT | os.O_WRONLY, 0o644))
+    except OSError as err:
+        raise OSError(f"cannot create the store's lock file {store.lock_path} "
+                      f"({err.strerror or err})") from None
     return FileLock(str(store.lock_path), timeout=300)
 
 
