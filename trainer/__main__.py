@@ -38,11 +38,8 @@ def main() -> int:
     store_process = None
     from . import signals, tracking
 
-    def on_sigterm(signum, frame):  # until a run installs its own: a message, not silence
-        signals.mark_stopping()
-        raise tracking.Terminated("received signal SIGTERM")
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    # from the start, not only while a run is open: a stop before one prints its message
+    signal.signal(signal.SIGTERM, tracking.raise_terminated)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not if ignored
         signal.signal(signal.SIGINT, signals.on_sigint)
     try:

@@ -22,6 +22,7 @@ loaded from its source.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -97,12 +98,18 @@ def _key(data, seed: int) -> str:
         source = hashlib.sha256(Path(data.path).expanduser().read_bytes()).hexdigest()
     else:
         source = f"scikit-learn {metadata.version('scikit-learn')}"
-    here = Path(__file__).resolve().parent
-    code = hashlib.sha256(b"".join((here / f).read_bytes()
-                                   for f in ("data.py", "evaluate.py"))).hexdigest()
     blob = json.dumps({"format": FORMAT, "settings": settings, "seed": seed, "source": source,
-                       "numpy": np.__version__, "code": code}, sort_keys=True, default=str)
+                       "numpy": np.__version__, "code": _code_digest()}, sort_keys=True,
+                      default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+    """SHA-256 of the code that splits tables and fits baselines, read once per process."""
+    here = Path(__file__).resolve().parent
+    return hashlib.sha256(b"".join((here / f).read_bytes()
+                                   for f in ("data.py", "evaluate.py"))).hexdigest()
 
 
 def _write(entry: Path, dataset: Dataset) -> None:

@@ -2,7 +2,7 @@
 
 The metrics are ``sklearn.metrics``' definitions written out in NumPy (a small job
 that found its split in ``data_cache`` then imports no scikit-learn, about 2 s of its
-wall time); ``tests/test_data.py`` checks them against ``sklearn.metrics`` on real
+wall time); ``tests/test_time_to_result.py`` checks them against ``sklearn.metrics`` on real
 predictions. The baseline is scikit-learn's ``LinearRegression`` or
 ``LogisticRegression``. Host-side NumPy: no JAX, no MLflow.
 """

@@ -173,7 +173,8 @@ class RemoteClient:
             except ConnectionError:
                 pass
         if name == "open":
-            return self._local_client() and None
+            self._local_client()
+            return None
         if name == "log_batch_plain":
             from .tracking import log_batch
 
@@ -253,8 +254,6 @@ def _watch_parent(parent_pid: int, busy: threading.Event) -> None:
 
 def _serve(connection) -> None:
     """Answer requests until the parent closes its end (or dies)."""
-    import pickle
-
     from . import tracking
 
     clients: dict = {}
@@ -288,15 +287,13 @@ def _serve(connection) -> None:
             answer = ("error", tracking.TrackingError(str(err)))
         except Exception as err:  # noqa: BLE001 - sent to the parent, raised there
             answer = ("error", StoreError(f"{type(err).__name__}: {err}"))
-        try:
-            pickle.dumps(answer)
-        except Exception as err:  # noqa: BLE001
-            answer = ("error", StoreError(f"answer to {op} cannot be sent: {err}"))
         busy.clear()
-        try:
+        try:  # send pickles the whole answer before it writes a byte
             connection.send(answer)
         except OSError:
             return
+        except Exception as err:  # noqa: BLE001 - the answer does not pickle
+            connection.send(("error", StoreError(f"answer to {op} cannot be sent: {err}")))
 
 
 def _main(fd: int) -> None:

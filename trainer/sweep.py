@@ -36,8 +36,8 @@ from .checkpoint import CheckpointPlan, periodic_steps, upload_checkpoints
 from .resume import CHECKPOINT_TAG
 from .tracking import (PARENT_TAG, MlflowTracker, Store, child_runs, config_hash,
                        environment_tags, finished_runs, flatten_config, get_or_create_experiment,
-                       log_batch, metric_histories, metric_history, open_store, resolve_store, resume_run,
-                       start_run)
+                       log_batch, metric_histories, metric_history, open_store, resolve_store,
+                       resume_run, start_run)
 
 __all__ = ["new_sweep_id", "run_population_job", "resume_population", "summarize_parent",
            "open_sweep",

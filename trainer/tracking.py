@@ -26,7 +26,7 @@ from . import signals
 __all__ = ["Store", "resolve_store", "open_store", "open_store_here", "use_store_process",
            "log_batch", "get_or_create_experiment", "start_run",
            "resume_run", "find_resumable", "metric_histories", "download_checkpoints",
-           "MlflowTracker", "Terminated", "TrackingError", "flatten_config", "environment_tags",
+           "MlflowTracker", "Terminated", "raise_terminated", "TrackingError", "flatten_config", "environment_tags",
            "ui_command"]
 
 PARAMS_PER_BATCH = 100     # MLflow's limit of params in one log_batch call
@@ -40,6 +40,13 @@ MAX_PENDING_BATCHES = 4    # per run: a loop that logs faster than the store wri
 
 class Terminated(KeyboardInterrupt):
     """Raised in the main thread when the process receives SIGTERM."""
+
+
+def raise_terminated(signum, frame):
+    """SIGTERM handler: remember the stop (``signals.mark_stopping``) and raise
+    ``Terminated`` in the main thread, so runs end KILLED and the CLI exits 143."""
+    signals.mark_stopping()
+    raise Terminated(f"received signal {signal.Signals(signum).name}")
 
 
 class TrackingError(RuntimeError):
@@ -448,12 +455,7 @@ def resume_run(client, run_id: str, *, tags: dict[str, str]) -> Iterator[MlflowT
 @contextlib.contextmanager
 def _closing(client, run_id: str) -> Iterator[MlflowTracker]:
     tracker = MlflowTracker(client, run_id)
-
-    def on_sigterm(signum, frame):
-        signals.mark_stopping()
-        raise Terminated(f"received signal {signal.Signals(signum).name}")
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
     status = "FAILED"
     try:
         yield tracker
