@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 STORE  := sqlite:///$(CURDIR)/mlruns/mlflow.db
 EXPERIMENT ?= diabetes
 
-.PHONY: run test test-fast ui bench clean
+.PHONY: run test test-fast ui serve bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ test-fast: $(STAMP)
 ui: $(STAMP)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server \
 	  --backend-store-uri $(STORE) --host 127.0.0.1 --port 5000 --workers 1
+
+# A run's MLflow model over HTTP on 127.0.0.1, offline: RUN=<run id> (a sweep's parent
+# serves its best member) or a models:/ URI; POST rows to http://127.0.0.1:$(PORT)/invocations
+PORT ?= 5001
+serve: $(STAMP)
+	@test -n "$(RUN)" || { echo "usage: make serve RUN=<run id> [PORT=5001]" >&2; exit 2; }
+	$(PY) -m trainer.serve $(RUN) --port $(PORT) --tracking-uri $(STORE)
 
 # The benchmark suite into the default store (experiment "benchmarks"), then a comparison
 # with the previous run of the same kind (exit 1 on a regression beyond noise).

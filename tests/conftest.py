@@ -121,6 +121,19 @@ class RecordingTracker:
         self.tags: dict[str, str] = {}
         self.points: list[tuple[str, float, int]] = []
         self.artifacts: list[tuple[str, str | None]] = []
+        self.models: list[tuple[dict, str | None]] = []  # (bundle's meta, registered name)
+        self.datasets: list[dict] = []
+
+    def log_model(self, bundle, *, registered_model_name=None):
+        import json
+
+        import numpy as np
+
+        with np.load(bundle) as z:
+            self.models.append((json.loads(str(z["meta"])), registered_model_name))
+
+    def log_datasets(self, inputs):
+        self.datasets.append(inputs)
 
     def set_tags(self, tags):
         self.tags.update(tags)

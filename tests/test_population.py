@@ -187,10 +187,11 @@ def test_c16_sweep_is_one_parent_with_a_child_per_seed(tmp_path):
     """C16: `-m +experiment=smoke seed=0,1,2,3` trains one population: one parent and four
     children; each child's curves are that seed's own (equal to a lone run of it); the
     parent names the best seed by validation loss and shows the four together."""
-    sweep = run_cli_in(tmp_path, "-m", SMOKE, "seed=0,1,2,3")
+    register = "tracking.register_model=smoke-best"
+    sweep = run_cli_in(tmp_path, "-m", SMOKE, "seed=0,1,2,3", register)
     assert sweep.returncode == 0, sweep.stdout + sweep.stderr
     assert len(list(tmp_path.glob("multirun/*/*/0/.hydra"))) == 1  # one job
-    alone = run_cli_in(tmp_path, SMOKE, "seed=2")
+    alone = run_cli_in(tmp_path, SMOKE, "seed=2", register)
     assert alone.returncode == 0, alone.stdout + alone.stderr
     client = store_client(tmp_path)
     parents, runs = split_runs(all_runs(client))
@@ -224,6 +225,20 @@ def test_c16_sweep_is_one_parent_with_a_child_per_seed(tmp_path):
     assert m["final/test_rmse/median"] == pytest.approx(float(np.median(finals)))
     names = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"members.csv", "sweep_curves.png", "sweep_val_loss.png"} <= names
+    # each child carries its own model and headline; the parent points to (and registered)
+    # the best one; names are short, what differs first, and unique
+    uris = {r.data.tags["model_uri"] for r in children}
+    assert len(uris) == 4 and lone.data.tags["model_uri"] not in uris
+    assert parent.data.tags["best.model_uri"] == best.data.tags["model_uri"]
+    assert parent.data.tags["best.registered_version"] == "smoke-best version 1"
+    assert client.get_model_version("smoke-best", "1").run_id == best.info.run_id
+    assert client.get_model_version("smoke-best", "2").run_id == lone.info.run_id
+    for child in children:
+        assert child.info.run_name.startswith(f"seed{child.data.params['seed']}-smoke-")
+        rmse = child.data.metrics["test_rmse"]
+        assert child.data.tags["mlflow.note.content"].startswith(f"test RMSE {rmse:.4g} vs ")
+    assert lone.info.run_name.startswith("seed2-smoke-")
+    assert lone.info.run_name != seed2.info.run_name
 
 
 @pytest.mark.slow

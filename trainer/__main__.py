@@ -98,7 +98,7 @@ def run_job(cfg, err_console) -> int:
 
     from .config import ConfigError, member_configs, resume_config, to_config, validate
     from .data import DataError, load_member_datasets
-    from . import compile_cache
+    from . import compile_cache, record
     from .population import set_host_devices
     from .resume import HOST_DEVICES_TAG, find_resumable_run
     from .tracking import (TrackingError, environment_tags, get_or_create_experiment,
@@ -166,7 +166,9 @@ def run_job(cfg, err_console) -> int:
     try:
         client = open_store(store)
         experiment_name = c.tracking.experiment_name or experiment
-        experiment_id = get_or_create_experiment(client, store, experiment_name)
+        experiment_id = get_or_create_experiment(
+            client, store, experiment_name,
+            description=record.experiment_description(experiment))
     except TrackingError as err:
         err_console.print(f"[bold red]tracking error:[/] {err}")
         return EXIT_FAILED
@@ -181,18 +183,17 @@ def run_job(cfg, err_console) -> int:
     if members is not None:
         return _population_job(client, store, experiment_id, experiment_name, cfg, members,
                                datasets, tags=tags, console=console, err_console=err_console)
-    job = f"-job{hydra_cfg.job.num}" if hydra_cfg.mode.name == "MULTIRUN" else ""
     return _lone_job(client, store, experiment_id, experiment_name, cfg, dataset, tags=tags,
-                     job=job, experiment=experiment, overrides=overrides, resumed=resumed,
+                     experiment=experiment, overrides=overrides, resumed=resumed,
                      launch_dir=launch_dir, console=console, err_console=err_console)
 
 
-def _lone_job(client, store, experiment_id, experiment_name, cfg, dataset, *, tags, job,
+def _lone_job(client, store, experiment_id, experiment_name, cfg, dataset, *, tags,
               experiment, overrides, resumed, launch_dir, console, err_console) -> int:
     """A lone run (or the worked-examples job): open it, or reopen ``resumed``, and train."""
     from omegaconf import OmegaConf
 
-    from . import signals
+    from . import record, signals
     from .checkpoint import CheckpointPlan, periodic_steps, upload_checkpoints
     from .config import to_config
     from .loop import GradcheckFailedError, NonFiniteLossError, check_worked_examples, \
@@ -200,17 +201,17 @@ def _lone_job(client, store, experiment_id, experiment_name, cfg, dataset, *, ta
     from .report import print_summary
     from .resume import CHECKPOINT_TAG
     from .tracking import (TrackingError, config_hash, flatten_config, metric_histories,
-                           resume_run, start_run, ui_command)
+                           resume_run, run_url, start_run, ui_command)
 
     c = to_config(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if dataset is not None:
         data = "" if dataset.name == experiment else f"-{dataset.name}"
-        run_name = c.tracking.run_name or (f"{experiment}{data}-{c.model.kind}-{c.optim.name}-"
-                                           f"lr{c.optim.learning_rate:g}-seed{c.seed}{job}")
+        run_name = c.tracking.run_name or record.run_name(f"{experiment}{data}", overrides)
         tags.update({"dataset": dataset.name, "task": dataset.task})
     else:
-        run_name = c.tracking.run_name or f"{experiment}-worked-examples{job}"
+        run_name = c.tracking.run_name or record.run_name(f"{experiment}-worked-examples",
+                                                          overrides)
     tracker = None
     try:
         if resumed is None:
@@ -252,6 +253,7 @@ def _lone_job(client, store, experiment_id, experiment_name, cfg, dataset, *, ta
                 try:
                     result = train_and_evaluate(c, dataset, tracker, console=console,
                                                 checkpoint=plan, history=history)
+                    tracker.set_tags({record.NOTE_TAG: record.describe(result)})
                 finally:  # also when stopped: a requeued job may run on another machine
                     if plan is not None and store.remote and plan.directory.is_dir():
                         with signals.blocked():
@@ -282,7 +284,8 @@ def _lone_job(client, store, experiment_id, experiment_name, cfg, dataset, *, ta
     make_ui = (launch_dir.resolve() == repo_root and (repo_root / "Makefile").is_file()
                and store.lock_path == repo_root / "mlruns" / ".mlflow.db.lock")
     print_summary(console, result=result, run_id=tracker.run_id, experiment=experiment_name,
-                  ui="make ui" if make_ui else ui_command(store), tracking_uri=store.tracking_uri)
+                  ui="make ui" if make_ui else ui_command(store), tracking_uri=store.tracking_uri,
+                  url=run_url(store, experiment_id, tracker.run_id))
     if c.trainer.checkpoints:
         console.print(f"checkpoints in {store.checkpoint_root / tracker.run_id}; to train on: "
                       f"python -m trainer resume={tracker.run_id} "

@@ -131,6 +131,9 @@ class TrackingConfig:
                                        # sqlite:///<launch dir>/mlruns/mlflow.db)
     experiment_name: Optional[str] = None  # None: the +experiment name
     run_name: Optional[str] = None     # None: "<experiment>-<model>-<time>"
+    register_model: Optional[str] = None  # also register the run's MLflow model under this
+                                       # name in the model registry (a population: its best
+                                       # member's); None: logged with the run only
 
 
 # Config keys whose values may differ between the members of one population: each is an

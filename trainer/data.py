@@ -38,6 +38,10 @@ class Dataset:
       feature_names: D names. target_names: T names (regression) or one name.
       class_names: the label of each class (classification), else empty.
       target_mean, target_std: ``(T,)`` float64; original target = y * std + mean.
+      feature_mean, feature_std: ``(D,)`` float64 fitted on the training split;
+        standardised x = (raw x - mean) / std (None: not standardised).
+      source: where the rows came from (a scikit-learn loader, a CSV path and its
+        SHA-256, or the seed problem's keys), for the record.
       baseline: the linear baseline's test metrics (``evaluate.linear_baseline``) when
         known at load (``data_cache``), else None.
     """
@@ -56,6 +60,9 @@ class Dataset:
     target_mean: np.ndarray | None = None
     target_std: np.ndarray | None = None
     baseline: dict[str, float] | None = None
+    feature_mean: np.ndarray | None = None
+    feature_std: np.ndarray | None = None
+    source: str = ""
 
     @property
     def in_features(self) -> int:
@@ -99,8 +106,12 @@ def load_dataset(data, *, seed: int) -> Dataset:
         y = y.reshape(-1, 1).astype(np.float64) if task == "regression" else y.astype(np.int64)
         target_names = ("progression",) if task == "regression" else ("digit",)
         classes = tuple(str(c) for c in range(10)) if task == "classification" else ()
+        from importlib import metadata
+
+        source = (f"sklearn.datasets.load_{data.kind} (scikit-learn "
+                  f"{metadata.version('scikit-learn')})")
         return _split(data.kind, task, x, y, tuple(map(str, bunch.feature_names)),
-                      target_names, classes, data, seed)
+                      target_names, classes, data, seed, source=source)
     if data.kind == "csv":
         return _load_csv(data, seed)
     raise DataError(f"unknown data kind {data.kind!r}; choose one of {', '.join(DATA_KINDS)}")
@@ -150,10 +161,13 @@ def _seed_problem(data) -> Dataset:
     y_row = np.full((1, n), y, np.float32)
     names = tuple(f"x{i}" for i in range(n))
     return Dataset("seed", "regression", x_row, y_row, x_row, y_row, x_row, y_row,
-                   feature_names=names, target_names=tuple(f"y{i}" for i in range(n)))
+                   feature_names=names, target_names=tuple(f"y{i}" for i in range(n)),
+                   source=f"x = normal(PRNGKey({data.seed_x_key}), ({n},)), "
+                          f"y = normal(PRNGKey({data.seed_y_key}), ())")
 
 
-def _split(name, task, x, y, feature_names, target_names, class_names, data, seed) -> Dataset:
+def _split(name, task, x, y, feature_names, target_names, class_names, data, seed, *,
+           source: str) -> Dataset:
     from sklearn.model_selection import train_test_split
 
     n = x.shape[0]
@@ -170,6 +184,7 @@ def _split(name, task, x, y, feature_names, target_names, class_names, data, see
     x_train, x_val, y_train, y_val = train_test_split(
         x_rest, y_rest, test_size=n_val, random_state=seed + 1, stratify=stratify)
 
+    mean = std = None
     if data.standardize:
         mean, std = x_train.mean(0), x_train.std(0)
         std = np.where(std > 0, std, 1.0)  # constant columns (digits' blank pixels) stay 0
@@ -184,7 +199,8 @@ def _split(name, task, x, y, feature_names, target_names, class_names, data, see
     return Dataset(name, task, f32(x_train), y_train.astype(ydtype), f32(x_val),
                    y_val.astype(ydtype), f32(x_test), y_test.astype(ydtype),
                    feature_names=feature_names, target_names=target_names,
-                   class_names=class_names, target_mean=target_mean, target_std=target_std)
+                   class_names=class_names, target_mean=target_mean, target_std=target_std,
+                   feature_mean=mean, feature_std=std, source=source)
 
 
 def _can_stratify(y, n_holdout) -> bool:
@@ -256,7 +272,11 @@ def _load_csv(data, seed: int) -> Dataset:
                 f"{len(labels)} rows: too many to be classes (at most {MAX_CLASSES}, and at "
                 f"most one per {int(1 / MAX_CLASSES_SHARE)} rows); for a numeric target use "
                 "data.task=regression")
-    return _split(path.stem, task, x, y, tuple(features), tuple(targets), class_names, data, seed)
+    import hashlib
+
+    source = f"{path.resolve()} (sha256 {hashlib.sha256(path.read_bytes()).hexdigest()})"
+    return _split(path.stem, task, x, y, tuple(features), tuple(targets), class_names, data,
+                  seed, source=source)
 
 
 def _is_numeric(column) -> bool:

@@ -36,9 +36,9 @@ from .data import Dataset, load_dataset
 
 __all__ = ["default_dir", "load"]
 
-FORMAT = 1  # bump when the entry's layout changes
+FORMAT = 2  # bump when the entry's layout changes
 _ARRAYS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test", "target_mean",
-           "target_std")
+           "target_std", "feature_mean", "feature_std")
 
 
 def default_dir() -> Path:
@@ -117,7 +117,8 @@ def _write(entry: Path, dataset: Dataset) -> None:
     meta = {"name": dataset.name, "task": dataset.task,
             "feature_names": list(dataset.feature_names),
             "target_names": list(dataset.target_names),
-            "class_names": list(dataset.class_names), "baseline": dataset.baseline}
+            "class_names": list(dataset.class_names), "baseline": dataset.baseline,
+            "source": dataset.source}
     arrays = {k: getattr(dataset, k) for k in _ARRAYS if getattr(dataset, k) is not None}
     # written whole then renamed: a reader never sees half an entry, even from another run
     fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=".tmp-", suffix=".npz")
@@ -141,4 +142,6 @@ def _read(entry: Path) -> Dataset:
                    feature_names=tuple(meta["feature_names"]),
                    target_names=tuple(meta["target_names"]),
                    class_names=tuple(meta["class_names"]), target_mean=arrays["target_mean"],
-                   target_std=arrays["target_std"], baseline=meta["baseline"])
+                   target_std=arrays["target_std"], baseline=meta["baseline"],
+                   feature_mean=arrays["feature_mean"], feature_std=arrays["feature_std"],
+                   source=meta["source"])

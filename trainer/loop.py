@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import compile_cache, measure, render, report, signals
+from . import compile_cache, measure, mlflow_model, render, report, signals
 from .checkpoint import CheckpointPlan, Checkpoints, Saver
 from .checks import GradcheckFailedError, Gradchecker, check_worked_examples
 from .data import Dataset
@@ -123,6 +123,7 @@ class Run:
     num_params: int
     compute: dict[str, float]
     analysis_s: float
+    spec: ModelSpec
     start_step: int = 0
 
     @property
@@ -211,7 +212,7 @@ def build_run(members: list, datasets: list[Dataset], *, loss_fn: Callable | Non
                graphdef=graphdef, optimizer=optimizer, loss_fn=loss_fn, state=state, data=data,
                chunk_fn=chunk_fn, chunk_ends=chunk_ends,
                batch_size=batch_size, num_params=count_params(one), compute=compute,
-               analysis_s=analysis_s, start_step=start)
+               analysis_s=analysis_s, spec=spec, start_step=start)
 
 
 @dataclass
@@ -567,8 +568,9 @@ def _tag_start(run: Run, trackers: list, console, device_name: str) -> None:
     clamped = run.batch_size < run.cfg.data.batch_size
     if clamped:
         tags["batch_size_clamped"] = f"{run.cfg.data.batch_size} -> {run.batch_size}"
-    for tracker in trackers:
+    for tracker, dataset in zip(trackers, run.datasets):
         tracker.set_tags(tags)
+        tracker.log_datasets(mlflow_model.dataset_inputs(dataset))  # meanwhile, in the writer
         tracker.log_metrics([("num_params", run.num_params, 0),
                              ("batch_size", run.batch_size, 0)])
     if console is not None:
@@ -668,6 +670,12 @@ def _finish(run: Run, state: TrainState, records: list[MemberRecord], checks: li
             if record.failed_step is None:
                 tracker.log_artifact(report.save_params(params, folder / "final_params"),
                                      "final_params")
+                # a population registers its best member's model (sweep.summarize_parent)
+                tracker.log_model(mlflow_model.write_bundle(
+                    folder / "net.npz", params=params, spec=run.spec, dataset=dataset,
+                    run_id=getattr(tracker, "run_id", "")),
+                    registered_model_name=cfg.tracking.register_model if len(members) == 1
+                    else None)
             try:
                 for state_at, step in late:
                     if record.failed_step is None:
@@ -685,6 +693,8 @@ def _finish(run: Run, state: TrainState, records: list[MemberRecord], checks: li
                 early_stopped_at_step=record.early_stopped_at_step))
             finals.append(final)
         renderer.finish()
+        for tracker in trackers:  # the models are read from ``root`` meanwhile
+            tracker.flush()
     gradcheck_s = sum(c.wall_s for c in checks)
     if saver is not None:  # the last save was written meanwhile; wait for it
         t0 = time.perf_counter()

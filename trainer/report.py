@@ -196,7 +196,7 @@ def save_params(params, path: Path) -> Path:
 
 
 def print_summary(console, *, result, run_id: str, experiment: str, ui: str,
-                  tracking_uri: str) -> None:
+                  tracking_uri: str, url: str = "") -> None:
     """The final table: test metrics beside the linear baseline, timings, run id, UI command."""
     from rich.table import Table
 
@@ -238,7 +238,7 @@ def print_summary(console, *, result, run_id: str, experiment: str, ui: str,
                       f"relative error {worst:.1e} in float64, {t['gradcheck_s']:.2f} s)")
     console.print(f"logging {t['log_s']:.2f} s | wall {t['wall_s']:.2f} s")
     console.print(f"run {run_id} in {tracking_uri}")
-    console.print(f"open it in the UI: {ui}")
+    console.print(f"open it in the UI: {ui}" + (f", then {url}" if url else ""))
 
 
 def _seconds(value: float) -> str:

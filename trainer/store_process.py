@@ -35,6 +35,12 @@ from types import SimpleNamespace
 
 __all__ = ["StoreError", "StoreProcess", "RemoteClient", "start"]
 
+# Calls that need MLflow's modules beyond its client (models, datasets): run where MLflow
+# is imported, with the store's client as first argument (``run_op``).
+OPS = {"log_model": "trainer.mlflow_model:log_model",
+       "log_datasets": "trainer.mlflow_model:log_datasets",
+       "register_model": "trainer.mlflow_model:register_model"}
+
 GIVE_UP_S = 5.0  # a stopped job waits this long for a child that does not answer
 PARENT_GONE_GRACE_S = 30.0  # a child whose parent died finishes a request this long
 
@@ -179,12 +185,18 @@ class RemoteClient:
             from .tracking import log_batch
 
             return log_batch(self._local_client(), *args, **kwargs)
+        if name in OPS:
+            return run_op(name, self._local_client(), *args, **kwargs)
         return getattr(self._local_client(), name)(*args, **kwargs)
 
     def log_batch_plain(self, run_id: str, metrics=(), params=(), tags=()) -> None:
         """``log_batch`` with ``(key, value, timestamp_ms, step)`` metric tuples and
         ``(key, value)`` param and tag tuples."""
         self._call("log_batch_plain", run_id, list(metrics), list(params), list(tags))
+
+    def run_op(self, name: str, *args, **kwargs):
+        """Run ``OPS[name](client, *args, **kwargs)`` in the store process."""
+        return self._call(name, *args, **kwargs)
 
     def __getattr__(self, name: str):
         if name.startswith("_"):
@@ -214,6 +226,14 @@ def start() -> StoreProcess | None:
     except OSError:
         return None
     return StoreProcess(process, parent_end)
+
+
+def run_op(name: str, client, *args, **kwargs):
+    """Call the function ``OPS[name]`` with ``client`` first (in a process that has MLflow)."""
+    import importlib
+
+    module, function = OPS[name].split(":")
+    return getattr(importlib.import_module(module), function)(client, *args, **kwargs)
 
 
 def plain(value, depth: int = 0):
@@ -280,6 +300,8 @@ def _serve(connection) -> None:
                 result = None
             elif op == "log_batch_plain":
                 result = tracking.log_batch(client, *args, **kwargs)
+            elif op in OPS:
+                result = plain(run_op(op, client, *args, **kwargs))
             else:
                 result = plain(getattr(client, op)(*args, **kwargs))
             answer = ("ok", result)

@@ -31,21 +31,18 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import report
+from . import record, report
 from .checkpoint import CheckpointPlan, periodic_steps, upload_checkpoints
 from .resume import CHECKPOINT_TAG
 from .tracking import (PARENT_TAG, MlflowTracker, Store, child_runs, config_hash,
                        environment_tags, finished_runs, flatten_config, get_or_create_experiment,
                        log_batch, metric_histories, metric_history, open_store, resolve_store,
-                       resume_run, start_run)
+                       resume_run, run_op, start_run)
 
 __all__ = ["new_sweep_id", "run_population_job", "resume_population", "summarize_parent",
            "open_sweep",
            "SweepHandle", "member_run_name"]
 
-SHORT = {"seed": "seed", "optim.learning_rate": "lr", "optim.weight_decay": "wd",
-         "optim.momentum": "mom", "optim.clip_norm": "clip", "optim.final_lr_fraction": "final",
-         "model.init_scale": "scale"}
 CURVES = ("train_loss", "val_loss")
 
 
@@ -55,10 +52,8 @@ def new_sweep_id() -> str:
 
 
 def member_run_name(experiment: str, values: dict, index: int) -> str:
-    """``<experiment>-lr0.003-seed1``: what differs first, so names differ early."""
-    parts = [f"{SHORT.get(k, k)}{v:g}" if isinstance(v, float) else f"{SHORT.get(k, k)}{v}"
-             for k, v in values.items()]
-    return "-".join([experiment, *parts]) if parts else f"{experiment}-member{index}"
+    """``lr0.003-seed1-<experiment>-7f3a``: what differs first (``record.run_name``)."""
+    return record.run_name(experiment, values=values or {"member": index})
 
 
 def _identity() -> dict[str, str]:
@@ -98,7 +93,7 @@ def run_population_job(client, store: Store, experiment_id: str, experiment: str
         parent_id = population.parent_run_id
         if parent_id is None:
             parent = stack.enter_context(start_run(
-                client, experiment_id, run_name=f"{experiment}-sweep-{len(members)}-points",
+                client, experiment_id, run_name=f"sweep-{len(members)}-points-{experiment}-{sweep_id[-4:]}",
                 tags={**job_tags, "command": " ".join(["python -m trainer", *sys.argv[1:]]),
                       "population.role": "parent"}))
             parent_id = parent.run_id
@@ -184,6 +179,7 @@ def _train_members(configs: list, datasets: list, trackers: list, *, checkpoint,
     results = train_population(configs, datasets, trackers, console=console,
                                checkpoint=checkpoint, histories=histories)
     for c, tracker, result in zip(configs, trackers, results):
+        tracker.set_tags({record.NOTE_TAG: record.describe(result)})
         if result.failed_step is not None:
             rate = learning_rate_at(c, result.failed_step)
             tracker.set_tags({"error": f"the loss became NaN or infinite at step "
@@ -271,7 +267,9 @@ def summarize_parent(client, experiment_id: str, parent_run_id: str, *,
     validation loss among FINISHED runs; with early stopping a member's final model is
     that of its best step, so its ``best_val_loss`` stands for its ``val_loss``) with
     its run id and name as tags and its values as params ``best.<key>``;
-    ``final/<metric>/min|median|max`` over FINISHED members; artifacts ``members.csv``
+    ``final/<metric>/min|median|max`` over FINISHED members; the tag ``best.model_uri``
+    (the best member's MLflow model), registered under ``tracking.register_model`` when
+    the members were given one; artifacts ``members.csv``
     (one row per member), ``sweep_val_loss.png`` (final validation loss against each
     swept key) and ``sweep_curves.png`` (train and validation loss: median and min-max
     band over members).
@@ -291,7 +289,8 @@ def summarize_parent(client, experiment_id: str, parent_run_id: str, *,
                "metrics": {k: v for k, v in run.data.metrics.items()
                            if k in ("train_loss", "val_loss") or k.startswith(("test_",
                                                                                "baseline_"))},
-               "skipped": run in skipped}
+               "skipped": run in skipped, "model_uri": run.data.tags.get("model_uri"),
+               "register_model": run.data.params.get("tracking.register_model", "None")}
         if "best_val_loss" in run.data.metrics:  # early stopping: the model kept is the best
             row["metrics"]["val_loss"] = run.data.metrics["best_val_loss"]
         rows.append(row)
@@ -304,6 +303,14 @@ def summarize_parent(client, experiment_id: str, parent_run_id: str, *,
     if finished:
         best = min(finished, key=lambda r: r["metrics"]["val_loss"])
         tags = {"best.run_id": best["run_id"], "best.run_name": best["run_name"]}
+        if best["model_uri"]:  # the model people use: the best member's
+            tags["best.model_uri"] = best["model_uri"]
+            name = best["register_model"]
+            if name not in ("None", "null", "") and \
+                    parent.data.tags.get("best.registered") != best["model_uri"]:
+                version = run_op(client, "register_model", best["model_uri"], name)
+                tags["best.registered"] = best["model_uri"]
+                tags["best.registered_version"] = f"{name} version {version}"
         existing = parent.data.params
         params = [(f"best.{k}", str(v)) for k, v in best["values"].items()
                   if f"best.{k}" not in existing]
@@ -399,7 +406,9 @@ def open_sweep(job_config: DictConfig, *, arguments: list[str], num_points: int,
     try:
         store = resolve_store(tracking.uri, launch_dir)
         client = open_store(store)
-        experiment_id = get_or_create_experiment(client, store, experiment)
+        experiment_id = get_or_create_experiment(
+            client, store, experiment, description=record.experiment_description(
+                OmegaConf.select(job_config, "hydra.runtime.choices.experiment") or experiment))
     except Exception:  # each job reports the store's error with its own message
         return SweepHandle(sweep_id, None)
     tags = {**environment_tags(), **_identity(), "sweep_id": sweep_id,
@@ -407,6 +416,7 @@ def open_sweep(job_config: DictConfig, *, arguments: list[str], num_points: int,
             "population.role": "parent", "tracking_uri": store.tracking_uri,
             "launch_dir": str(launch_dir), "sweep.points": str(num_points),
             "sweep.groups": str(num_groups)}
-    run = client.create_run(experiment_id, run_name=f"{experiment}-sweep-{num_points}-points",
+    run = client.create_run(experiment_id,
+                            run_name=f"sweep-{num_points}-points-{experiment}-{sweep_id[-4:]}",
                             tags=tags)
     return SweepHandle(sweep_id, run.info.run_id, num_groups, client, experiment_id)

@@ -27,7 +27,7 @@ __all__ = ["Store", "resolve_store", "open_store", "open_store_here", "use_store
            "log_batch", "get_or_create_experiment", "start_run",
            "resume_run", "find_resumable", "metric_histories", "download_checkpoints",
            "MlflowTracker", "Terminated", "raise_terminated", "TrackingError", "flatten_config", "environment_tags",
-           "ui_command"]
+           "ui_command", "run_url", "run_op"]
 
 PARAMS_PER_BATCH = 100     # MLflow's limit of params in one log_batch call
 PARAM_VALUE_LIMIT = 6000   # characters MLflow keeps of a param value (MAX_PARAM_VAL_LENGTH)
@@ -199,16 +199,31 @@ def _check_reachable(uri: str, timeout_s: float = 10.0) -> None:
                             "store, e.g. sqlite:///mlruns/mlflow.db") from None
 
 
-def get_or_create_experiment(client, store: Store, name: str) -> str:
-    """The id of experiment ``name``, created with the store's artifact root if new."""
+def get_or_create_experiment(client, store: Store, name: str, *,
+                             description: str | None = None) -> str:
+    """The id of experiment ``name``, created with the store's artifact root if new.
+
+    A new experiment (or one without them) gets the tag that opens MLflow's UI in its
+    model-training view and, when given, ``description`` (MLflow's description field);
+    a description someone wrote in the UI is kept.
+    """
+    from .record import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, NOTE_TAG
+
+    wanted = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    if description:
+        wanted[NOTE_TAG] = description
     with _store_lock(store):
         found = client.get_experiment_by_name(name)
-        if found is not None:
-            if found.lifecycle_stage == "deleted":
-                client.restore_experiment(found.experiment_id)
-            return found.experiment_id
-        location = f"{store.artifact_root}/{name}" if store.artifact_root else None
-        return client.create_experiment(name, artifact_location=location)
+        if found is None:
+            location = f"{store.artifact_root}/{name}" if store.artifact_root else None
+            return client.create_experiment(name, artifact_location=location,
+                                            tags=wanted)
+        if found.lifecycle_stage == "deleted":
+            client.restore_experiment(found.experiment_id)
+        for key, value in wanted.items():
+            if key not in found.tags:
+                client.set_experiment_tag(found.experiment_id, key, value)
+        return found.experiment_id
 
 
 def _process_start(pid: int) -> str | None:
@@ -367,6 +382,22 @@ class MlflowTracker:
             for future in pending:
                 future.result()
 
+    def log_model(self, bundle: Path, *, registered_model_name: str | None = None) -> None:
+        """Log the run's MLflow model from a ``mlflow_model.write_bundle`` file, in the
+        writer thread while the caller goes on; ``flush`` waits for it (the file must
+        exist until then) and raises its error. The run gets the tag ``model_uri``."""
+        with self._timed():
+            self._pending.append(_writer().submit(
+                run_op, self.client, "log_model", self.run_id, str(bundle),
+                registered_model_name=registered_model_name))
+
+    def log_datasets(self, inputs: dict) -> None:
+        """Record the splits as the run's MLflow dataset inputs (``mlflow_model.dataset_inputs``),
+        in the writer thread."""
+        with self._timed():
+            self._pending.append(_writer().submit(run_op, self.client, "log_datasets",
+                                                  self.run_id, inputs))
+
     def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None:
         with self._timed():
             if Path(local_path).is_dir():
@@ -399,6 +430,16 @@ def log_batch(client, run_id: str, metrics=(), params=(), tags=()) -> None:
 
     client.log_batch(run_id, metrics=[Metric(*m) for m in metrics],
                      params=[Param(*p) for p in params], tags=[RunTag(*t) for t in tags])
+
+
+def run_op(client, name: str, *args, **kwargs):
+    """``store_process.OPS[name]`` with the store's client: in the store process for a
+    ``RemoteClient``, else here."""
+    if hasattr(client, "run_op"):
+        return client.run_op(name, *args, **kwargs)
+    from .store_process import run_op as run_here
+
+    return run_here(name, client, *args, **kwargs)
 
 
 def _identity() -> dict[str, str]:
@@ -514,10 +555,14 @@ def flatten_config(tree: dict, prefix: str = "") -> dict[str, str]:
 
 
 def environment_tags() -> dict[str, str]:
-    """Git commit and dirty flag of the source tree, and the versions of the stack."""
+    """Git commit and dirty flag of the source tree, the versions of the stack, and
+    MLflow's own fields that its UI shows (Source, User, the commit beside the source)."""
+    import getpass
     from importlib import metadata
 
-    tags = {}
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": "python -m trainer"}
+    with contextlib.suppress(Exception):  # no user name in some containers
+        tags["mlflow.user"] = getpass.getuser()
     for dist in ("jax", "jaxlib", "flax", "optax", "mlflow", "hydra-core", "scikit-learn"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             tags[f"version.{dist}"] = metadata.version(dist)
@@ -527,7 +572,7 @@ def environment_tags() -> dict[str, str]:
                                 text=True, timeout=10, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
-        tags["git.commit"] = commit
+        tags["git.commit"] = tags["mlflow.source.git.commit"] = commit
         tags["git.dirty"] = str(bool(dirty)).lower()
     except (OSError, subprocess.SubprocessError):
         tags["git.commit"] = "unknown (not a git checkout)"
@@ -540,6 +585,15 @@ def ui_command(store: Store) -> str:
         return f"open {store.tracking_uri}"
     return ("MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --backend-store-uri "
             f"{store.tracking_uri} --host 127.0.0.1 --port 5000 --workers 1")
+
+
+def run_url(store: Store, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI (``ui_command``'s server for a local store), in
+    the UI's model-training view: MLflow 3.17 opens the GenAI view unless the URL (or
+    the browser's last choice) asks for ``workflowType=machine_learning``."""
+    base = (store.tracking_uri.rstrip("/") if store.lock_path is None
+            else "http://127.0.0.1:5000")
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 # --- populations: parent and child runs ----------------------------------------------------
