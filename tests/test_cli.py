@@ -518,13 +518,15 @@ C11_CASES = [
      ["data.path applies to data=csv (this run uses data=diabetes)"]),
     ((SMOKE, "model.width=8"), ["model.width applies to model=tied (this run uses model=mlp)"]),
     ((SMOKE, "model.kind=tied"), ["model.kind='tied'", "pick the model with model=tied"]),
+    ((SMOKE, "model=tied"), ["+experiment=smoke sets model.hidden, which model=tied does not have",
+                             "tied-diabetes"]),
 ]
 
 
 @pytest.mark.parametrize(("args", "expected"), C11_CASES,
                          ids=["typo", "plus-typo", "no-plus", "float-for-int", "no-such-experiment",
                               "zero-batch", "csv-key-without-data-csv", "tied-key-for-mlp",
-                              "kind-typed"])
+                              "kind-typed", "experiment-key-for-another-kind"])
 def test_config_errors_stop_before_any_run(run_cli, tmp_path, args, expected):
     """C11: a typo or bad value exits 2 before any work, with one short message that names it
     and the fix, no traceback and no store."""

@@ -96,6 +96,8 @@ def test_c11_overrides_are_checked_before_hydra(overrides, message):
     ["+experiment=seed", "model.width=8", "data.seed_width=8", "data.batch_size=1"],
     ["+experiment=diabetes", "optim.weight_decay=0.01,0.1"],
     ["optim=momentum", "optim.momentum=0.5", "model=mlp", "model.tied_hidden=true"],
+    ["+experiment=smoke", "optim=sgd,momentum"],  # smoke sets no optimizer's own key
+    ["+experiment=tied-diabetes", "data=seed,digits", "model=tied"],
 ])
 def test_c11_good_overrides_pass(overrides):
     check_overrides(overrides)
@@ -121,6 +123,14 @@ def test_c11_good_overrides_pass(overrides):
      "optim.momentum applies to optim=momentum (this run uses optim=adam)"),
     (["-m", "+experiment=seed,smoke", "model.width=8"],
      "model.width applies to model=tied (this run uses model=mlp)"),
+    # an experiment's values for its own kinds: Hydra would stop with a ConfigKeyError
+    (["+experiment=diabetes", "model=tied", "model.width=16"],
+     "+experiment=diabetes sets model.hidden, which model=tied does not have (it applies to "
+     "model=mlp); keep the experiment's model=mlp, or start from an experiment made for "
+     "model=tied (seed, tied-diabetes)"),
+    (["-m", "+experiment=diabetes", "optim=adamw,sgd"],
+     "+experiment=diabetes sets optim.weight_decay, which optim=sgd does not have"),
+    (["+experiment=seed", "model=mlp"], "+experiment=seed sets model.width, which model=mlp"),
 ])
 def test_a_key_of_another_kind_is_refused_naming_the_option(overrides, message):
     """Issue 14 item 7: ``data.path=... data.target=[y]`` without ``data=csv`` used to train

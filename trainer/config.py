@@ -522,7 +522,12 @@ def check_overrides(overrides: list[str]) -> None:
         for value in _values(ov):
             _check_type(key, value, expected)
         keys.append(key)
-    _check_kind_keys(keys, _chosen_options(parsed))
+    chosen = _chosen_options(parsed)
+    _check_kind_keys(keys, chosen)
+    for values in [set(map(str, _values(ov))) for ov in parsed
+                   if ov.key_or_group == "experiment"][-1:]:
+        for name in sorted(values):
+            _check_experiment_keys(name, chosen)
 
 
 def _chosen_options(parsed) -> dict[str, set[str]]:
@@ -570,6 +575,30 @@ def _check_kind_keys(keys: list[str], chosen: dict[str, set[str]]) -> None:
             schema = SCHEMAS[group].get(kind)
             if schema is not None and name not in _schema_fields(schema):
                 raise _not_for_kind(group, name, kind)
+
+
+def _check_experiment_keys(name: str, chosen: dict[str, set[str]]) -> None:
+    """An experiment's values for one kind (``model.hidden`` in ``diabetes``) cannot apply
+    to another kind chosen on the command line (``+experiment=diabetes model=tied``):
+    Hydra would stop with a ConfigKeyError; this names the clash and the way out."""
+    def choices(experiment: str) -> dict[str, str]:
+        return _defaults_choices(CONF_DIR / "experiment" / f"{experiment}.yaml", "override /")
+
+    body = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "experiment" / f"{name}.yaml"))
+    for group, schemas in SCHEMAS.items():
+        default = _defaults_choices(CONF_DIR / "config.yaml", "")[group]
+        for key in body.get(group) or {}:
+            for kind in sorted(chosen[group]):
+                if key in _schema_fields(schemas[kind]):
+                    continue
+                made_for = [n for n in experiment_names() if choices(n).get(group) == kind]
+                start = (f"an experiment made for {group}={kind} ({', '.join(made_for)})"
+                         if made_for else f"no experiment, with {group}={kind}")
+                raise ConfigError(
+                    f"+experiment={name} sets {group}.{key}, which {group}={kind} does not have "
+                    f"(it applies to {' or '.join(f'{group}={k}' for k in _kinds_with(group, key))}"
+                    f"); keep the experiment's {group}={choices(name).get(group) or default}, or "
+                    f"start from {start}")
 
 
 def _check_hydra_group(ov) -> None:
