@@ -628,6 +628,13 @@ def _first_value(ov) -> str:
 
 
 def _values(ov):
+    from hydra.core.override_parser.types import Glob
+
+    if isinstance(ov.value(), Glob):  # glob(...) picks among a group's options
+        key = ov.key_or_group
+        options = (experiment_names() if key == "experiment" else
+                   group_options(key) if key in GROUPS else [])
+        return ov.value().filter(options)
     if ov.is_sweep_override():
         if ov.is_choice_sweep() or ov.is_range_sweep():
             return list(ov.sweep_iterator())
