@@ -92,11 +92,11 @@ def sgd_step(graphdef, params, x, y, *, learning_rate: float):
     ``TrainState`` with the member axis taken off the params."""
     import jax.numpy as jnp
 
-    from trainer.config import OptimConfig
+    from trainer.config import SgdOptimConfig
     from trainer.optim import make_optimizer
     from trainer.steps import init_train_state, make_train_step, mse_loss
 
-    tx = make_optimizer(OptimConfig(name="sgd", learning_rate=learning_rate), 1)
+    tx = make_optimizer(SgdOptimConfig(learning_rate=learning_rate), 1)
     step = jax.jit(make_train_step(graphdef, tx, mse_loss))
     state, _ = step(init_train_state(jax.tree.map(lambda a: a[None], params), tx,
                                      {"learning_rate": jnp.full((1,), learning_rate)},

@@ -13,8 +13,8 @@ import optax
 import pytest
 
 from trainer.checkpoint import Checkpoints, _saveable
-from trainer.config import (Config, DataConfig, GradcheckConfig, ModelConfig, OptimConfig,
-                            TrainerConfig)
+from trainer.config import (SCHEMAS, AdamOptimConfig, Config, GradcheckConfig, MlpModelConfig,
+                            TabularDataConfig, TrainerConfig)
 from trainer.data import load_dataset
 from trainer.loop import build_run, run_chunks
 from trainer.optim import OPTIMIZERS
@@ -22,8 +22,9 @@ from trainer.optim import OPTIMIZERS
 
 def adam_config(num_steps: int, steps_per_call: int) -> Config:
     """Adam with a cosine schedule and per-epoch shuffling (batch 32 of ~300 rows)."""
-    return Config(model=ModelConfig(hidden=[8]), data=DataConfig(kind="diabetes", batch_size=32),
-                  optim=OptimConfig(name="adam", learning_rate=1e-2, schedule="cosine"),
+    return Config(model=MlpModelConfig(hidden=[8]),
+                  data=TabularDataConfig(kind="diabetes", batch_size=32),
+                  optim=AdamOptimConfig(learning_rate=1e-2, schedule="cosine"),
                   trainer=TrainerConfig(num_steps=num_steps, steps_per_call=steps_per_call,
                                         log_every_steps=1, eval_every_steps=steps_per_call,
                                         progress=False),
@@ -32,7 +33,7 @@ def adam_config(num_steps: int, steps_per_call: int) -> Config:
 
 @pytest.fixture(scope="module")
 def split():
-    return load_dataset(DataConfig(kind="diabetes"), seed=0)
+    return load_dataset(TabularDataConfig(kind="diabetes"), seed=0)
 
 
 def _train(run) -> tuple[list, object]:
@@ -120,8 +121,9 @@ def test_C19_every_optimizers_state_round_trips(split, tmp_path, name):
     uninterrupted one, bit for bit."""
     assert set(MOMENT_STATE) == set(OPTIMIZERS)
     cfg = adam_config(num_steps=10, steps_per_call=5)
-    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, name=name,
-                                                             clip_norm=CLIP_NORM[name]))
+    cfg = dataclasses.replace(cfg, optim=SCHEMAS["optim"][name](
+        learning_rate=cfg.optim.learning_rate, schedule=cfg.optim.schedule,
+        clip_norm=CLIP_NORM[name]))
     chunks = run_chunks(build_run([cfg], [split]), [])
     first = next(chunks)
     with Checkpoints(tmp_path / "ckpt") as checkpoints:
@@ -152,9 +154,9 @@ def test_C19_the_early_stopping_record_round_trips(split, tmp_path):
     evaluation without improvement, and resumed, that member stops at the same step
     (99 = 39 + 3 x 20) and the run ends in the same state, every field bit for bit,
     as an uninterrupted one; the other member trains on."""
-    base = Config(model=ModelConfig(hidden=[64, 64]),
-                  data=DataConfig(kind="diabetes", batch_size=32),
-                  optim=OptimConfig(name="adam", schedule="constant"),
+    base = Config(model=MlpModelConfig(hidden=[64, 64]),
+                  data=TabularDataConfig(kind="diabetes", batch_size=32),
+                  optim=AdamOptimConfig(schedule="constant"),
                   trainer=TrainerConfig(num_steps=120, steps_per_call=60, log_every_steps=20,
                                         eval_every_steps=20, patience=3, progress=False),
                   gradcheck=GradcheckConfig(every_steps=0))
@@ -212,7 +214,7 @@ def test_a_checkpoint_of_other_members_is_refused(split, tmp_path):
     chunk = next(run_chunks(build_run([cfg], [split]), []))
     with Checkpoints(tmp_path / "ckpt") as checkpoints:
         checkpoints.save(chunk.state, document={}, val_loss=1.0)
-    wider = dataclasses.replace(cfg, model=ModelConfig(hidden=[16]))
+    wider = dataclasses.replace(cfg, model=MlpModelConfig(hidden=[16]))
     with Checkpoints(tmp_path / "ckpt") as checkpoints, pytest.raises(
         ValueError, match=r"does not fit .* \(saved \[\[1, 8\], .float32.\], expected \[\[1, 16\]"):
         build_run([wider], [split], checkpoints=checkpoints)

@@ -194,6 +194,10 @@ def test_worked_examples_job(run_cli, tmp_path):
     (run,) = all_runs(client)
     assert run.info.status == "FINISHED" and run.data.tags["gradcheck"] == "passed"
     assert client.get_experiment(run.info.experiment_id).name == "gradcheck"
+    # the examples read no model, data, optimizer, trainer or gradcheck key: none is logged
+    assert sorted(run.data.params) == ["mode", "tracking.experiment_name", "tracking.run_name",
+                                       "tracking.uri"]
+    assert run.data.params["mode"] == "gradcheck"
     path = client.download_artifacts(run.info.run_id, "worked_examples.json", str(tmp_path))
     rows = {r["name"]: r for r in json.loads(Path(path).read_text())}
     for name, row in rows.items():
@@ -230,6 +234,14 @@ def test_params_are_flat_and_resolved(basic_run):
     assert not [k for k in params if k.startswith("hydra")]
     assert not [k for k in params if "." not in k and k not in ("seed", "mode")], sorted(params)
     assert not [v for v in params.values() if v.startswith("{")], "a nested dict logged as one value"
+    # only the keys of the run's kinds (an MLP on diabetes with Adam): no model.width,
+    # data.seed_*, data.path or optim.momentum / weight_decay, which it does not use
+    assert sorted(k for k in params if k.split(".")[0] in ("model", "data", "optim")) == sorted(
+        ["model.kind", "model.init", "model.init_scale", "model.hidden", "model.tied_hidden",
+         "data.kind", "data.val_fraction", "data.test_fraction", "data.standardize",
+         "data.batch_size", "data.cache", "optim.name", "optim.learning_rate",
+         "optim.schedule", "optim.warmup_steps", "optim.final_lr_fraction", "optim.clip_norm"])
+    assert params["data.batch_size"] == "32" and params["data.kind"] == "diabetes"
 
     import yaml
 
@@ -501,12 +513,20 @@ C11_CASES = [
     ((SMOKE, "trainer.num_steps=1.5"), ["trainer.num_steps", "1.5", "integer"]),
     (("+experiment=nosuch",), ["nosuch", *experiment_names()]),
     ((SMOKE, "data.batch_size=0"), ["data.batch_size", "greater than 0"]),
+    # issue 14 item 7: used to train on diabetes and exit 0
+    ((SMOKE, "data.path=x.csv", "data.target=[y]"),
+     ["data.path applies to data=csv (this run uses data=diabetes)"]),
+    ((SMOKE, "model.width=8"), ["model.width applies to model=tied (this run uses model=mlp)"]),
+    ((SMOKE, "model.kind=tied"), ["model.kind='tied'", "pick the model with model=tied"]),
+    ((SMOKE, "model=tied"), ["+experiment=smoke sets model.hidden, which model=tied does not have",
+                             "tied-diabetes"]),
 ]
 
 
 @pytest.mark.parametrize(("args", "expected"), C11_CASES,
                          ids=["typo", "plus-typo", "no-plus", "float-for-int", "no-such-experiment",
-                              "zero-batch"])
+                              "zero-batch", "csv-key-without-data-csv", "tied-key-for-mlp",
+                              "kind-typed", "experiment-key-for-another-kind"])
 def test_config_errors_stop_before_any_run(run_cli, tmp_path, args, expected):
     """C11: a typo or bad value exits 2 before any work, with one short message that names it
     and the fix, no traceback and no store."""

@@ -7,14 +7,14 @@ import dataclasses
 import numpy as np
 import pytest
 
-from trainer.config import DataConfig
+from trainer.config import ConfigError, CsvDataConfig, SeedDataConfig, TabularDataConfig
 from trainer.data import DataError, load_dataset
 
 
 def test_diabetes_split_is_deterministic_disjoint_and_complete():
-    a = load_dataset(DataConfig(kind="diabetes"), seed=0)
-    b = load_dataset(DataConfig(kind="diabetes"), seed=0)
-    c = load_dataset(DataConfig(kind="diabetes"), seed=1)
+    a = load_dataset(TabularDataConfig(kind="diabetes"), seed=0)
+    b = load_dataset(TabularDataConfig(kind="diabetes"), seed=0)
+    c = load_dataset(TabularDataConfig(kind="diabetes"), seed=1)
     np.testing.assert_array_equal(a.x_test, b.x_test)
     assert not np.array_equal(a.x_test, c.x_test)
     sizes = (len(a.x_train), len(a.x_val), len(a.x_test))
@@ -25,7 +25,7 @@ def test_diabetes_split_is_deterministic_disjoint_and_complete():
 
 
 def test_standardisation_uses_training_rows_only():
-    d = load_dataset(DataConfig(kind="diabetes"), seed=0)
+    d = load_dataset(TabularDataConfig(kind="diabetes"), seed=0)
     np.testing.assert_allclose(d.x_train.mean(0), 0, atol=1e-5)
     np.testing.assert_allclose(d.x_train.std(0), 1, atol=1e-4)
     assert np.abs(d.x_val.mean(0)).max() > 1e-3  # val statistics were not used
@@ -39,7 +39,7 @@ def test_standardisation_uses_training_rows_only():
 
 
 def test_digits_is_stratified_classification():
-    d = load_dataset(DataConfig(kind="digits"), seed=0)
+    d = load_dataset(TabularDataConfig(kind="digits"), seed=0)
     assert d.task == "classification" and d.out_features == 10 and d.in_features == 64
     assert d.y_train.dtype == np.int32 and set(np.unique(d.y_test)) == set(range(10))
     assert np.isfinite(d.x_train).all()  # constant pixel columns did not divide by zero
@@ -48,14 +48,14 @@ def test_digits_is_stratified_classification():
 def test_seed_problem_is_the_notebooks_draws():
     import jax
 
-    d = load_dataset(DataConfig(kind="seed", standardize=False), seed=0)
+    d = load_dataset(SeedDataConfig(standardize=False), seed=0)
     np.testing.assert_array_equal(d.x_train[0], jax.random.normal(jax.random.PRNGKey(1), (100,)))
     y = float(jax.random.normal(jax.random.PRNGKey(2), ()))
     np.testing.assert_array_equal(d.y_train, np.full((1, 100), y, np.float32))
 
 
-def csv_cfg(path, **kw) -> DataConfig:
-    return dataclasses.replace(DataConfig(kind="csv", path=str(path), target=["y"]), **kw)
+def csv_cfg(path, **kw) -> CsvDataConfig:
+    return dataclasses.replace(CsvDataConfig(path=str(path), target=["y"]), **kw)
 
 
 def write(tmp_path, text, name="table.csv"):
@@ -98,7 +98,6 @@ def test_csv_classification_with_string_labels(tmp_path):
     (table(bad_row=0, bad_value=""), {}, "missing value in column 'b' at line 2"),
     ("a,b,y\n1,2,3\n4,5,6,7\n", {}, "not a readable CSV table"),
     (table(n=3), {}, "too few"),
-    (table(), {"target": []}, "data.target"),
 ])
 def test_csv_errors_name_file_column_and_line(tmp_path, content, cfg_kw, message):
     path = tmp_path / "missing.csv" if content is None else write(tmp_path, content)
@@ -106,6 +105,12 @@ def test_csv_errors_name_file_column_and_line(tmp_path, content, cfg_kw, message
         load_dataset(csv_cfg(path, **cfg_kw), seed=0)
     assert message in str(err.value)
     assert str(path) in str(err.value) or "data.target" in message or "too few" in message
+
+
+def test_a_csv_config_without_a_target_is_refused_when_built(tmp_path):
+    """The schema checks itself: no table is read for a config that cannot run."""
+    with pytest.raises(ConfigError, match=r"data=csv needs .*data.target=\[COL\]"):
+        csv_cfg(write(tmp_path, table()), target=[])
 
 
 def test_csv_auto_task_takes_text_labels_as_classes(tmp_path):

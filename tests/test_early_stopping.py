@@ -13,8 +13,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import RecordingTracker
-from trainer.config import (CONF_DIR, Config, ConfigError, DataConfig, GradcheckConfig,
-                            ModelConfig, OptimConfig, TrainerConfig, register_configs, validate)
+from trainer.config import (CONF_DIR, AdamOptimConfig, Config, ConfigError, GradcheckConfig,
+                            MlpModelConfig, TabularDataConfig, TrainerConfig, register_configs,
+                            validate)
 from trainer.data import load_dataset
 from trainer.loop import build_run, run_chunks, train_population
 
@@ -26,9 +27,9 @@ SLOW_LR, FAST_LR = 1e-4, 3e-2  # on diabetes: a validation loss that falls for 2
 def population(num_steps: int, patience: int, *, min_delta: float = 0.0,
                steps_per_call: int = 100) -> list[Config]:
     """Two Adam members of a 10-64-64-1 MLP on diabetes (seed 0), a slow and a fast one."""
-    base = Config(model=ModelConfig(hidden=[64, 64]),
-                  data=DataConfig(kind="diabetes", batch_size=32),
-                  optim=OptimConfig(name="adam", schedule="constant"),
+    base = Config(model=MlpModelConfig(hidden=[64, 64]),
+                  data=TabularDataConfig(kind="diabetes", batch_size=32),
+                  optim=AdamOptimConfig(schedule="constant"),
                   trainer=TrainerConfig(num_steps=num_steps, steps_per_call=steps_per_call,
                                         log_every_steps=EVERY, eval_every_steps=EVERY,
                                         patience=patience, min_delta=min_delta, progress=False),
@@ -39,7 +40,7 @@ def population(num_steps: int, patience: int, *, min_delta: float = 0.0,
 
 @pytest.fixture(scope="module")
 def split():
-    return load_dataset(DataConfig(kind="diabetes"), seed=0)
+    return load_dataset(TabularDataConfig(kind="diabetes"), seed=0)
 
 
 def leaves(tree) -> list[np.ndarray]:

@@ -18,7 +18,7 @@ from flax import nnx
 
 from trainer import gradcheck
 from conftest import sgd_step
-from trainer.config import OptimConfig
+from trainer.config import AdamOptimConfig
 from trainer.optim import make_optimizer
 from trainer.gradcheck import GradcheckSettings, check_gradients
 from trainer.models import TanhMLP, TiedTanh, count_params
@@ -409,7 +409,7 @@ def test_correct_gradient_near_convergence_passes_where_a_pure_relative_test_fai
     model = TanhMLP(10, 1, (8,), kernel_init=LECUN, tied_hidden=False, key=jax.random.key(0))
     graphdef, params = nnx.split(model, nnx.Param)
     num_steps = 3000
-    tx = make_optimizer(OptimConfig(name="adam", learning_rate=3e-2, schedule="cosine"),
+    tx = make_optimizer(AdamOptimConfig(learning_rate=3e-2, schedule="cosine"),
                         num_steps)
     step = make_train_step(graphdef, tx, mse_loss)
     state = init_train_state(jax.tree.map(lambda a: a[None], params), tx,

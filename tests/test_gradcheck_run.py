@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import RecordingTracker
-from trainer.config import (Config, DataConfig, GradcheckConfig, ModelConfig, OptimConfig,
-                            TrainerConfig)
+from trainer.config import (AdamOptimConfig, Config, GradcheckConfig, MlpModelConfig,
+                            TabularDataConfig, TiedModelConfig, TrainerConfig)
 from trainer.data import load_dataset
 from trainer.loop import GradcheckFailedError, train_and_evaluate
 from trainer.steps import mse_loss
@@ -21,13 +21,13 @@ from trainer.steps import mse_loss
 
 @pytest.fixture(scope="module")
 def diabetes():
-    return load_dataset(DataConfig(kind="diabetes"), seed=0)
+    return load_dataset(TabularDataConfig(kind="diabetes"), seed=0)
 
 
 def config(*, model=None, steps=200, **gradcheck) -> Config:
-    return Config(model=model or ModelConfig(hidden=[8]),
-                  data=DataConfig(kind="diabetes", batch_size=32),
-                  optim=OptimConfig(name="adam", learning_rate=1e-2),
+    return Config(model=model or MlpModelConfig(hidden=[8]),
+                  data=TabularDataConfig(kind="diabetes", batch_size=32),
+                  optim=AdamOptimConfig(learning_rate=1e-2),
                   trainer=TrainerConfig(num_steps=steps, steps_per_call=50, log_every_steps=50,
                                         eval_every_steps=50, progress=False),
                   gradcheck=GradcheckConfig(**gradcheck))
@@ -104,7 +104,7 @@ def test_checks_leave_the_training_unchanged(diabetes):
 def test_tied_model_logs_the_inner_and_outer_terms(diabetes):
     """C15 in a run: the tied model's checks log both terms of dL/dΘ and their cosine;
     their sum equals autodiff (the check passes)."""
-    cfg = config(model=ModelConfig(kind="tied", width=8))
+    cfg = config(model=TiedModelConfig(width=8))
     tracker = RecordingTracker()
     result = train_and_evaluate(cfg, diabetes, tracker)
     inner = tracker.history("gradcheck/theta_inner_norm")

@@ -10,15 +10,15 @@ import pytest
 
 from conftest import RecordingTracker
 from trainer import measure
-from trainer.config import (Config, DataConfig, GradcheckConfig, ModelConfig, OptimConfig,
-                            TrainerConfig)
+from trainer.config import (AdamOptimConfig, Config, GradcheckConfig, MlpModelConfig,
+                            TabularDataConfig, TrainerConfig)
 from trainer.data import load_dataset
 from trainer.loop import CountingCompiler, gradcheck_steps, train_and_evaluate
 
 
 @pytest.fixture(scope="module")
 def diabetes():
-    return load_dataset(DataConfig(kind="diabetes"), seed=0)
+    return load_dataset(TabularDataConfig(kind="diabetes"), seed=0)
 
 
 def test_summarize_times_gives_order_statistics_and_spread():
@@ -88,9 +88,9 @@ def test_a_run_records_phase_timings_compiles_flops_and_bytes(diabetes):
     completion), the compile count (1), XLA's FLOPs and bytes for one step, and the
     achieved FLOP/s that follows from them."""
     hidden, batch = (16,), 32
-    cfg = Config(model=ModelConfig(hidden=list(hidden)),
-                 data=DataConfig(kind="diabetes", batch_size=batch),
-                 optim=OptimConfig(name="adam", learning_rate=1e-3),
+    cfg = Config(model=MlpModelConfig(hidden=list(hidden)),
+                 data=TabularDataConfig(kind="diabetes", batch_size=batch),
+                 optim=AdamOptimConfig(learning_rate=1e-3),
                  trainer=TrainerConfig(num_steps=400, steps_per_call=100, log_every_steps=100,
                                        eval_every_steps=100, progress=False),
                  gradcheck=GradcheckConfig(every_steps=0))
@@ -135,7 +135,8 @@ def test_a_recompiled_step_is_tagged(diabetes, monkeypatch):
         return run
 
     monkeypatch.setattr(loop, "make_train_chunk", widening_chunk)
-    cfg = Config(model=ModelConfig(hidden=[8]), data=DataConfig(kind="diabetes"),
+    cfg = Config(model=MlpModelConfig(hidden=[8]), data=TabularDataConfig(kind="diabetes"),
+                 optim=AdamOptimConfig(),
                  trainer=TrainerConfig(num_steps=30, steps_per_call=10, log_every_steps=10,
                                        eval_every_steps=10, progress=False),
                  gradcheck=GradcheckConfig(every_steps=0))

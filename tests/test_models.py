@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from conftest import sgd_step
-from trainer.config import DataConfig
+from trainer.config import SeedDataConfig
 from trainer.data import load_dataset
 from trainer.models import ModelSpec, TanhMLP, TiedTanh, count_params, init_model
 from trainer.steps import mse_loss
@@ -100,7 +100,7 @@ def test_c15_gradient_is_sum_of_inner_and_outer_use_and_passes_finite_difference
 
 def test_seed_model_reproduces_the_notebook():
     """The notebook's draws: loss 1.0354788 and ‖∂L/∂Θ‖ = 0.6549523, gradient (100, 100)."""
-    data = load_dataset(DataConfig(kind="seed", standardize=False, batch_size=1), seed=0)
+    data = load_dataset(SeedDataConfig(standardize=False, batch_size=1), seed=0)
     model = init_model(ModelSpec("tied", 100, 100, 100, (), False, "normal", 1.0),
                        key=jax.random.key(0))
     np.testing.assert_array_equal(model.theta[...],

@@ -16,8 +16,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import RecordingTracker, all_runs, cli_env, split_runs, store_client
-from trainer.config import (CONF_DIR, Config, ConfigError, DataConfig, GradcheckConfig,
-                            ModelConfig, OptimConfig, TrainerConfig, member_configs,
+from trainer.config import (CONF_DIR, SCHEMAS, Config, ConfigError, GradcheckConfig,
+                            MlpModelConfig, TabularDataConfig, TrainerConfig, member_configs,
                             register_configs)
 from trainer.data import load_dataset
 from trainer.loop import train_and_evaluate, train_population
@@ -26,10 +26,13 @@ from trainer.optim import make_schedule
 SMOKE = "+experiment=smoke"
 
 
-def base_config(**optim) -> Config:
-    return Config(model=ModelConfig(hidden=[8]), data=DataConfig(kind="diabetes", batch_size=32),
-                  optim=OptimConfig(**{"name": "adamw", "learning_rate": 3e-3,
-                                       "weight_decay": 0.1, "schedule": "cosine", **optim}),
+def base_config(name: str = "adamw", **optim) -> Config:
+    """The diabetes MLP with optimizer ``name`` (AdamW with decay 0.1 unless named)."""
+    decay = {"weight_decay": 0.1} if name == "adamw" else {}
+    return Config(model=MlpModelConfig(hidden=[8]),
+                  data=TabularDataConfig(kind="diabetes", batch_size=32),
+                  optim=SCHEMAS["optim"][name](**{"learning_rate": 3e-3, "schedule": "cosine",
+                                                  **decay, **optim}),
                   trainer=TrainerConfig(num_steps=200, steps_per_call=50, log_every_steps=10,
                                         eval_every_steps=50, progress=False),
                   gradcheck=GradcheckConfig(every_steps=0))
@@ -41,7 +44,7 @@ def member(cfg: Config, *, seed: int, **optim) -> Config:
 
 @pytest.fixture(scope="module")
 def splits():
-    return {s: load_dataset(DataConfig(kind="diabetes"), seed=s) for s in (0, 1)}
+    return {s: load_dataset(TabularDataConfig(kind="diabetes"), seed=s) for s in (0, 1)}
 
 
 def test_a_member_equals_its_lone_run(splits):
@@ -128,9 +131,20 @@ def test_members_are_checked_like_configs_of_their_own():
             ("[{seed:0},{optim.learning_rat:0.1}]", r"members\[1\].*did you mean "
                                                     r"'optim.learning_rate'"),
             ("[{seed:-1}]", r"members\[0\]: seed=-1"),
-            ("[{optim.learning_rate:fast}]", r"members\[0\].optim.learning_rate=.*expected a number")]:
+            ("[{optim.learning_rate:fast}]", r"members\[0\].optim.learning_rate=.*expected a number"),
+            # vmappable, but only for the optimizer that has it (the smoke run uses Adam)
+            ("[{seed:0},{optim.momentum:0.5}]", r"members\[1\]: optim.momentum applies to "
+                                                r"optim=momentum \(this run uses optim=adam\)"),
+            ("[{optim.weight_decay:-1.0}]", r"members\[0\]: optim.weight_decay applies to "
+                                            r"optim=adamw")]:
         with pytest.raises(ConfigError, match=message):
             member_configs(compose_with(SMOKE, f"population.members={members}"))
+    cfg = compose_with(SMOKE, "optim=momentum", "population.members=[{optim.momentum:0.5},{}]")
+    (_, m0), (_, m1) = member_configs(cfg)
+    assert (m0.optim.momentum, m1.optim.momentum) == (0.5, 0.9)
+    with pytest.raises(ConfigError, match=r"members\[0\]: optim.momentum=1.5: must lie in"):
+        member_configs(compose_with(SMOKE, "optim=momentum",
+                                    "population.members=[{optim.momentum:1.5}]"))
 
 
 SHARDED = r"""

@@ -18,8 +18,8 @@ import pytest
 from conftest import RecordingTracker, all_runs, store_client
 from test_cli import SMOKE, finish, history, start_cli, wait_for_training
 from trainer.checkpoint import CheckpointPlan, Checkpoints, Saver
-from trainer.config import (Config, DataConfig, GradcheckConfig, ModelConfig, OptimConfig,
-                            TrainerConfig)
+from trainer.config import (AdamOptimConfig, Config, GradcheckConfig, MlpModelConfig,
+                            TabularDataConfig, TrainerConfig)
 from trainer.data import load_dataset
 from trainer.loop import build_run, run_chunks, train_population
 
@@ -28,8 +28,9 @@ CURVES = ("train_loss", "grad_norm", "learning_rate", "val_loss")
 
 def adam_cosine(num_steps: int = 40) -> Config:
     """Adam with a cosine schedule and per-epoch shuffling (batch 32 of ~300 rows)."""
-    return Config(model=ModelConfig(hidden=[8]), data=DataConfig(kind="diabetes", batch_size=32),
-                  optim=OptimConfig(name="adam", learning_rate=1e-2, schedule="cosine"),
+    return Config(model=MlpModelConfig(hidden=[8]),
+                  data=TabularDataConfig(kind="diabetes", batch_size=32),
+                  optim=AdamOptimConfig(learning_rate=1e-2, schedule="cosine"),
                   trainer=TrainerConfig(num_steps=num_steps, steps_per_call=10,
                                         log_every_steps=1, eval_every_steps=10, progress=False),
                   gradcheck=GradcheckConfig(every_steps=0))
@@ -37,7 +38,7 @@ def adam_cosine(num_steps: int = 40) -> Config:
 
 @pytest.fixture(scope="module")
 def split():
-    return load_dataset(DataConfig(kind="diabetes"), seed=0)
+    return load_dataset(TabularDataConfig(kind="diabetes"), seed=0)
 
 
 class StoppingTracker(RecordingTracker):
@@ -73,7 +74,7 @@ def test_C21_stopped_and_resumed_equals_straight(split, tmp_path, members):
     cosine schedule, per-epoch shuffling), for a lone run and a population."""
     configs = [dataclasses.replace(adam_cosine(), seed=m % 2, optim=dataclasses.replace(
         adam_cosine().optim, learning_rate=1e-2 * (m + 1))) for m in range(members)]
-    data = [load_dataset(DataConfig(kind="diabetes"), seed=c.seed) for c in configs]
+    data = [load_dataset(TabularDataConfig(kind="diabetes"), seed=c.seed) for c in configs]
 
     def plan(folder, resume=False):
         return CheckpointPlan(directory=folder, every_steps=0, keep=2,

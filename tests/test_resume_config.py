@@ -50,3 +50,26 @@ def test_only_a_larger_step_count_is_taken(stored):
 def test_other_changes_are_refused_naming_the_keys(stored, overrides, named):
     with pytest.raises(ConfigError, match="differ from it: " + named.replace("+", r"\+")):
         resume_config(stored, overrides, composed(*overrides), experiment="smoke")
+
+
+def test_a_run_recorded_before_the_per_kind_schemas_resumes(stored):
+    """Runs stored every key of a group, whatever the kind (``model.width`` for an MLP,
+    ``optim.momentum`` for Adam): those keys are dropped, the run's own values kept."""
+    old = OmegaConf.to_container(OmegaConf.create(stored))
+    old["model"].update(width=64)
+    old["data"].update(path=None, target=[], features=None, task="auto", seed_width=100,
+                       seed_x_key=1, seed_y_key=2)
+    old["optim"].update(momentum=0.9, weight_decay=1e-4)
+    cfg = resume_config(old, ["resume=abc"], composed("resume=abc"), experiment="smoke")
+    assert "width" not in cfg.model and "momentum" not in cfg.optim and "path" not in cfg.data
+    assert cfg.optim.learning_rate == 0.02 and list(cfg.model.hidden) == [8]
+    assert OmegaConf.to_container(cfg, resolve=True) == {**stored, "resume": "abc"}
+    old["model"]["widht"] = 3  # a key of no kind is still refused
+    with pytest.raises(ConfigError, match="widht"):
+        resume_config(old, ["resume=abc"], composed("resume=abc"), experiment="smoke")
+
+
+def test_switching_the_optimizer_names_its_keys(stored):
+    overrides = ["resume=abc", "optim=momentum"]
+    with pytest.raises(ConfigError, match="optim.learning_rate, optim.momentum, optim.name"):
+        resume_config(stored, overrides, composed(*overrides), experiment="smoke")

@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 
 from conftest import RecordingTracker
-from trainer.config import Config, DataConfig, ModelConfig, OptimConfig, TrainerConfig
+from trainer.config import (AdamOptimConfig, Config, MlpModelConfig, SgdOptimConfig,
+                            TabularDataConfig, TrainerConfig)
 from trainer.optim import make_optimizer
 from trainer.data import load_dataset
 from trainer.loop import NonFiniteLossError, chunk_points, chunk_timings, train_and_evaluate
@@ -24,7 +25,7 @@ from trainer.steps import (DeviceData, check_scalar_loss, init_train_state, make
 
 @pytest.fixture(scope="module")
 def diabetes():
-    return load_dataset(DataConfig(kind="diabetes"), seed=0)
+    return load_dataset(TabularDataConfig(kind="diabetes"), seed=0)
 
 
 def small_setup(dataset, *, lr=1e-2, members=1):
@@ -33,7 +34,7 @@ def small_setup(dataset, *, lr=1e-2, members=1):
     model = init_model(ModelSpec("mlp", dataset.in_features, 1, 0, (8,), False, "lecun_normal",
                                  1.0), key=jax.random.key(0))
     graphdef, params = nnx.split(model, nnx.Param)
-    optimizer = make_optimizer(OptimConfig(name="adam", learning_rate=lr), 1000)
+    optimizer = make_optimizer(AdamOptimConfig(learning_rate=lr), 1000)
     values = {"learning_rate": jnp.full((members,), lr, jnp.float32)}
     stack = lambda a: jnp.stack([jnp.asarray(a)] * members)  # noqa: E731
     data = DeviceData(*map(stack, (dataset.x_train, dataset.y_train, dataset.x_val,
@@ -171,8 +172,9 @@ def test_c13_mse_never_broadcasts_rows_against_columns():
 
 
 def cfg_for(steps=300, **trainer):
-    return Config(model=ModelConfig(hidden=[8]), data=DataConfig(kind="diabetes", batch_size=32),
-                  optim=OptimConfig(name="adam", learning_rate=1e-2),
+    return Config(model=MlpModelConfig(hidden=[8]),
+                  data=TabularDataConfig(kind="diabetes", batch_size=32),
+                  optim=AdamOptimConfig(learning_rate=1e-2),
                   trainer=TrainerConfig(num_steps=steps, steps_per_call=100, log_every_steps=1,
                                         eval_every_steps=50, progress=False, **trainer))
 
@@ -198,7 +200,7 @@ def test_divergence_stops_with_the_step_and_keeps_earlier_points(diabetes):
     """C07: a huge learning rate stops the run at the first non-finite step; the points
     before it are logged and none after it; the message suggests a smaller rate."""
     cfg = cfg_for(steps=300)
-    cfg = dataclasses.replace(cfg, optim=OptimConfig(name="sgd", learning_rate=1e4))
+    cfg = dataclasses.replace(cfg, optim=SgdOptimConfig(learning_rate=1e4))
     tracker = RecordingTracker()
     with pytest.raises(NonFiniteLossError, match="smaller") as err:
         train_and_evaluate(cfg, diabetes, tracker)
@@ -250,9 +252,9 @@ def test_c10_reported_step_time_matches_blocked_wall_time(diabetes):
     import time
 
     hidden, batch, k = (128, 128), 256, 100
-    cfg = Config(model=ModelConfig(hidden=list(hidden)),
-                 data=DataConfig(kind="diabetes", batch_size=batch),
-                 optim=OptimConfig(name="adam", learning_rate=1e-3),
+    cfg = Config(model=MlpModelConfig(hidden=list(hidden)),
+                 data=TabularDataConfig(kind="diabetes", batch_size=batch),
+                 optim=AdamOptimConfig(learning_rate=1e-3),
                  trainer=TrainerConfig(num_steps=5 * k, steps_per_call=k, log_every_steps=k,
                                        eval_every_steps=k, progress=False))
     result = train_and_evaluate(cfg, diabetes, RecordingTracker())

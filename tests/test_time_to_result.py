@@ -25,7 +25,7 @@ import pytest
 from conftest import all_runs, cli_env, store_client, wait_gone
 
 from trainer import data_cache, store_process
-from trainer.config import DataConfig
+from trainer.config import CsvDataConfig, TabularDataConfig
 from trainer.evaluate import class_metrics, linear_baseline, regression_metrics
 from trainer.tracking import Store, TrackingError, resolve_store
 
@@ -72,8 +72,8 @@ def test_cli_process_imports_neither_mlflow_nor_sklearn_on_a_warm_run(tmp_path):
     assert {"config.yaml", "training_curves.png", "gradcheck.json", "final_params"} <= names[1]
 
 
-def _data(**changes) -> DataConfig:
-    return dataclasses.replace(DataConfig(kind="diabetes"), **changes)
+def _data(**changes) -> TabularDataConfig:
+    return dataclasses.replace(TabularDataConfig(kind="diabetes"), **changes)
 
 
 def test_dataset_cache_returns_the_same_split_and_baseline(tmp_path):
@@ -98,7 +98,7 @@ def test_csv_cache_key_follows_the_file_content(tmp_path):
     rng = np.random.default_rng(0)
     rows = rng.normal(size=(60, 3))
     table.write_text("a,b,y\n" + "\n".join(",".join(f"{v:.6f}" for v in r) for r in rows))
-    cfg = _data(kind="csv", path=str(table), target=["y"])
+    cfg = CsvDataConfig(path=str(table), target=["y"])
     first = data_cache.load(cfg, seed=0, directory=tmp_path / "c")
     rows[0, 2] += 100.0  # the same file name, new content: not the cached split
     table.write_text("a,b,y\n" + "\n".join(",".join(f"{v:.6f}" for v in r) for r in rows))

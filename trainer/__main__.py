@@ -195,7 +195,7 @@ def _lone_job(client, store, experiment_id, experiment_name, cfg, dataset, *, ta
 
     from . import record, signals
     from .checkpoint import CheckpointPlan, periodic_steps, upload_checkpoints
-    from .config import to_config
+    from .config import logged_config, to_config
     from .loop import GradcheckFailedError, NonFiniteLossError, check_worked_examples, \
         train_and_evaluate
     from .report import print_summary
@@ -225,9 +225,8 @@ def _lone_job(client, store, experiment_id, experiment_name, cfg, dataset, *, ta
                 console.print(f"run {tracker.run_id} ({run_name}) in experiment "
                               f"{experiment_name!r}")
                 tracker.set_tags({"config_hash": config_hash(resolved)})
-                # resume= says how a run was launched, not what it trains: config.yaml has it
-                tracker.log_params({k: v for k, v in flatten_config(resolved).items()
-                                    if k != "resume"})
+                # only what the job uses: its kinds' keys; config.yaml has the rest
+                tracker.log_params(flatten_config(logged_config(resolved)))
                 tracker.log_text(OmegaConf.to_yaml(overrides), "overrides.yaml")
             else:  # params stay as first logged (MLflow keeps them immutable)
                 console.print(f"run {tracker.run_id} resumed from step {resumed.step} of "

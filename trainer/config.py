@@ -1,11 +1,27 @@
 """Typed configuration: dataclass schemas registered with Hydra, and their validation.
 
-Every default lives here, one per line with its meaning and unit. The YAML files
-in ``trainer/conf/`` (linked as ``conf/`` at the top of the repository) pick
-values per group; Hydra merges them into these schemas, which rejects wrong
-types. ``check_overrides`` and ``validate`` add what Hydra does not check (case
-C11): keys added with ``+``, ``experiment=`` without ``+``, unknown experiments,
-value ranges, with the nearest valid name suggested.
+Every default lives here, once, one per line with its meaning and unit. The model,
+the data and the optimizer have one schema per kind, holding only the keys that
+kind uses (``MlpModelConfig`` has ``hidden``, ``TiedModelConfig`` has ``width``;
+``optim.momentum`` exists only for ``optim=momentum``), so a run's config and its
+MLflow params list nothing that does not apply. Each schema checks its own values
+in ``__post_init__``: a config built in Python is checked as one composed by Hydra.
+
+Hydra's pattern for config groups with schemas (Hydra 1.3, "Structured config
+schema for config groups"): each schema is stored in the ConfigStore and each
+option's YAML in ``trainer/conf/`` (linked as ``conf/`` at the top of the
+repository) names it first in its defaults list, ``defaults:
+[/schema/model/mlp@_here_, _self_]``; the top-level ``Config`` types the group as
+the common base class (``model: ModelConfig = MISSING``), which any kind's schema
+may fill (a Union is not allowed there). The schemas live in their own groups
+(``schema/model``, ...), not beside the options as in Hydra's tutorial, so that a
+sweep's ``optim=glob(*)`` finds only the options. The option's YAML sets only what differs on purpose from
+its schema (``tests/test_config.py`` checks that no YAML restates a default).
+
+``check_overrides`` and ``validate`` add what Hydra does not check (case C11):
+keys added with ``+``, ``experiment=`` without ``+``, unknown experiments, a key
+of another kind (``model.width`` with ``model=mlp``), value ranges, with the
+nearest valid name suggested.
 
 Only this module and ``__main__`` know Hydra.
 """
@@ -19,15 +35,19 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 
 from .data import DATA_KINDS
 from .models import INITIALIZERS
 from .optim import OPTIMIZERS, SCHEDULES
 
-__all__ = ["Config", "ModelConfig", "DataConfig", "OptimConfig", "TrainerConfig",
-           "TrackingConfig", "GradcheckConfig", "PopulationConfig", "VMAPPABLE_KEYS", "ConfigError", "CONF_DIR", "register_configs", "check_overrides",
-           "validate", "to_config", "resume_config", "RESUME_MAY_CHANGE"]
+__all__ = ["Config", "ModelConfig", "MlpModelConfig", "TiedModelConfig", "DataConfig",
+           "TabularDataConfig", "SeedDataConfig", "CsvDataConfig", "OptimConfig",
+           "SgdOptimConfig", "MomentumOptimConfig", "AdamOptimConfig", "AdamWOptimConfig",
+           "TrainerConfig", "TrackingConfig", "GradcheckConfig", "PopulationConfig",
+           "SCHEMAS", "VMAPPABLE_KEYS", "ConfigError", "CONF_DIR", "register_configs",
+           "check_overrides", "validate", "to_config", "structured", "logged_config",
+           "resume_config", "RESUME_MAY_CHANGE"]
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 GROUPS = ("model", "data", "optim", "trainer", "gradcheck", "tracking")
@@ -38,43 +58,224 @@ class ConfigError(ValueError):
     """A configuration the service cannot run; the message names the key and the fix."""
 
 
+# --- the model: one schema per kind ---------------------------------------------------------
+
 @dataclass
 class ModelConfig:
-    kind: str = "mlp"                  # "mlp" (tanh MLP) or "tied" (tanh(Θ·tanh(Θ·h)), one Θ)
-    hidden: list[int] = field(default_factory=lambda: [64, 64])  # mlp: hidden widths
-    tied_hidden: bool = False          # mlp: one square kernel shared by hidden-to-hidden layers
-    width: int = 64                    # tied: n, the side of the square Θ (n² parameters)
+    """What every model kind has. Build a kind's schema (``MlpModelConfig``,
+    ``TiedModelConfig``); ``SCHEMAS["model"]`` maps each kind to its schema."""
+
+    kind: str = MISSING                # set by the kind's schema; chosen with model=KIND
     init: str = "lecun_normal"         # "lecun_normal" | "glorot_normal" | "normal"
     init_scale: float = 1.0            # stddev of the "normal" initializer
 
+    def __post_init__(self) -> None:
+        _check_kind(self, "model", "kind")
+        _choice("model.init", self.init, INITIALIZERS)
+        _positive("model.init_scale", self.init_scale)
+
+
+@dataclass
+class MlpModelConfig(ModelConfig):
+    """model=mlp: a tanh MLP with a linear output layer."""
+
+    kind: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [64, 64])  # hidden widths, input first
+    tied_hidden: bool = False          # one square kernel shared by hidden-to-hidden layers
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.hidden or any(h <= 0 for h in self.hidden):
+            raise ConfigError(f"model.hidden={list(self.hidden)}: give one or more positive "
+                              "widths")
+        if self.tied_hidden and len(set(self.hidden)) != 1:
+            raise ConfigError(f"model.tied_hidden=true needs equal hidden widths, got "
+                              f"model.hidden={list(self.hidden)}")
+
+
+@dataclass
+class TiedModelConfig(ModelConfig):
+    """model=tied: the block h -> tanh(Θ·tanh(Θ·h)), one square Θ used twice (with linear
+    maps in and out when the data's sizes differ from ``width``)."""
+
+    kind: str = "tied"
+    width: int = 32                    # n, the side of the square Θ (n² parameters)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive("model.width", self.width)
+
+
+# --- the data: one schema per kind ------------------------------------------------------
 
 @dataclass
 class DataConfig:
-    kind: str = "diabetes"             # "seed" | "diabetes" | "digits" | "csv"
-    path: Optional[str] = None         # csv: path of the table (relative to the launch dir)
-    target: list[str] = field(default_factory=list)  # csv: column(s) to predict
-    features: Optional[list[str]] = None  # csv: feature columns (None = all but the target)
-    task: str = "auto"                 # csv: "regression" | "classification" | "auto" (regression)
+    """What every data kind has. Build a kind's schema (``TabularDataConfig``,
+    ``SeedDataConfig``, ``CsvDataConfig``); ``SCHEMAS["data"]`` maps each kind to its schema."""
+
+    kind: str = MISSING                # data=KIND: "seed" | "diabetes" | "digits" | "csv"
     val_fraction: float = 0.15         # share of rows held out for validation
     test_fraction: float = 0.15        # share of rows held out for the final test
     standardize: bool = True           # z-score features (and regression targets) on train stats
-    batch_size: int = 64               # rows per step (clamped to the training rows)
-    seed_width: int = 100              # seed: n, the size of x and of Θ
-    seed_x_key: int = 1                # seed: x = normal(PRNGKey(seed_x_key), (n,))
-    seed_y_key: int = 2                # seed: y = normal(PRNGKey(seed_y_key), ())
+    batch_size: int = 32               # rows per step (clamped to the training rows)
     cache: bool = True                 # keep the split and its baseline on disk (trainer/data_cache.py)
+
+    def __post_init__(self) -> None:
+        _check_kind(self, "data", "kind")
+        for key in ("val_fraction", "test_fraction"):
+            value = getattr(self, key)
+            if not 0.0 < value < 1.0:
+                raise ConfigError(f"data.{key}={value}: must lie strictly between 0 and 1")
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ConfigError("data.val_fraction + data.test_fraction must leave at least 10% "
+                              f"of the rows for training, got "
+                              f"{self.val_fraction + self.test_fraction}")
+        _positive("data.batch_size", self.batch_size)
 
 
 @dataclass
+class TabularDataConfig(DataConfig):
+    """data=diabetes (442 rows, 10 features, regression) or data=digits (1797 rows of 8x8
+    pixels, 10 classes): scikit-learn's bundled tables."""
+
+
+@dataclass
+class SeedDataConfig(DataConfig):
+    """data=seed: the notebook's problem, one row: x = normal(PRNGKey(seed_x_key), (n,)),
+    scalar y = normal(PRNGKey(seed_y_key), ())."""
+
+    kind: str = "seed"
+    standardize: bool = False          # the notebook used the raw draws
+    batch_size: int = 1                # the one row
+    seed_width: int = 100              # n, the size of x and of Θ
+    seed_x_key: int = 1                # x = normal(PRNGKey(seed_x_key), (n,))
+    seed_y_key: int = 2                # y = normal(PRNGKey(seed_y_key), ())
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive("data.seed_width", self.seed_width)
+
+
+@dataclass
+class CsvDataConfig(DataConfig):
+    """data=csv: your own table, ``data=csv data.path=table.csv data.target=[col]``."""
+
+    kind: str = "csv"
+    path: Optional[str] = None         # path of the table (relative to the launch dir)
+    target: list[str] = field(default_factory=list)  # column(s) to predict
+    features: Optional[list[str]] = None  # feature columns (None = all but the target)
+    task: str = "auto"                 # "regression" | "classification" | "auto" (regression
+                                       # unless the target holds text labels)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _choice("data.task", self.task, ("auto", "regression", "classification"))
+        if not self.path or not self.target:
+            raise ConfigError("data=csv needs data.path=/path/to/table.csv and "
+                              "data.target=[COL]")
+
+
+# --- the optimizer: one schema per optimizer ----------------------------------------------
+
+@dataclass
 class OptimConfig:
-    name: str = "adam"                 # "sgd" | "momentum" | "adam" | "adamw"
+    """What every optimizer has (trainer/optim.py). Build an optimizer's schema
+    (``AdamOptimConfig``, ...); ``SCHEMAS["optim"]`` maps each name to its schema."""
+
+    name: str = MISSING                # optim=NAME: "sgd" | "momentum" | "adam" | "adamw"
     learning_rate: float = 1e-3        # peak learning rate
-    momentum: float = 0.9              # momentum: heavy-ball coefficient
-    weight_decay: float = 1e-4         # adamw: decoupled weight decay per step (x learning rate)
     schedule: str = "constant"         # "constant" | "cosine" | "warmup_cosine"
     warmup_steps: int = 0              # warmup_cosine: steps of linear warm-up from 0
     final_lr_fraction: float = 0.0     # cosine schedules: final rate / peak rate
     clip_norm: Optional[float] = None  # clip the gradient's global L2 norm to this (None = off)
+
+    def __post_init__(self) -> None:
+        _check_kind(self, "optim", "name")
+        _positive("optim.learning_rate", self.learning_rate)
+        _choice("optim.schedule", self.schedule, SCHEDULES)
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps={self.warmup_steps}: must be >= 0")
+        if not 0 <= self.final_lr_fraction <= 1:
+            raise ConfigError(f"optim.final_lr_fraction={self.final_lr_fraction}: must lie in "
+                              "[0, 1]")
+        if self.clip_norm is not None:
+            _positive("optim.clip_norm", self.clip_norm)
+
+
+@dataclass
+class SgdOptimConfig(OptimConfig):
+    """optim=sgd: plain stochastic gradient descent (``optax.sgd``)."""
+
+    name: str = "sgd"
+    learning_rate: float = 0.01        # peak learning rate
+
+
+@dataclass
+class MomentumOptimConfig(OptimConfig):
+    """optim=momentum: SGD with heavy-ball momentum (``optax.sgd(momentum=...)``)."""
+
+    name: str = "momentum"
+    learning_rate: float = 0.01        # peak learning rate
+    momentum: float = 0.9              # heavy-ball coefficient
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"optim.momentum={self.momentum}: must lie in [0, 1)")
+
+
+@dataclass
+class AdamOptimConfig(OptimConfig):
+    """optim=adam: Adam (Kingma & Ba 2015, ``optax.adam``)."""
+
+    name: str = "adam"
+
+
+@dataclass
+class AdamWOptimConfig(OptimConfig):
+    """optim=adamw: Adam with decoupled weight decay (Loshchilov & Hutter 2019, ``optax.adamw``)."""
+
+    name: str = "adamw"
+    weight_decay: float = 1e-4         # decoupled weight decay per step (x learning rate)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.weight_decay >= 0:  # catches NaN too
+            raise ConfigError(f"optim.weight_decay={self.weight_decay}: must be >= 0")
+
+
+# Each group's kinds (the value of model.kind, data.kind, optim.name, which is also the name
+# of the option that picks it: model=tied) and their schemas; each schema is stored in
+# Hydra's ConfigStore as schema/<group>/<name> (register_configs).
+SCHEMAS: dict[str, dict[str, type]] = {
+    "model": {"mlp": MlpModelConfig, "tied": TiedModelConfig},
+    "data": {"seed": SeedDataConfig, "diabetes": TabularDataConfig,
+             "digits": TabularDataConfig, "csv": CsvDataConfig},
+    "optim": {"sgd": SgdOptimConfig, "momentum": MomentumOptimConfig,
+              "adam": AdamOptimConfig, "adamw": AdamWOptimConfig},
+}
+KIND_KEY = {"model": "kind", "data": "kind", "optim": "name"}
+SCHEMA_NAMES = {MlpModelConfig: "mlp", TiedModelConfig: "tied", TabularDataConfig: "tabular",
+                SeedDataConfig: "seed", CsvDataConfig: "csv", SgdOptimConfig: "sgd",
+                MomentumOptimConfig: "momentum", AdamOptimConfig: "adam",
+                AdamWOptimConfig: "adamw"}
+assert tuple(SCHEMAS["data"]) == DATA_KINDS and tuple(SCHEMAS["optim"]) == OPTIMIZERS
+
+
+def _check_kind(node, group: str, key: str) -> None:
+    """A schema's kind must be one its class serves: ``TabularDataConfig(kind="seed")``
+    or ``optim.name=sgd`` typed into an Adam config is refused, naming the option."""
+    kind = getattr(node, key)
+    schemas = SCHEMAS[group]
+    if schemas.get(kind) is type(node):
+        return
+    if kind not in schemas:  # a typo, or a kind's schema built without its kind
+        served = [k for k, schema in schemas.items() if schema is type(node)]
+        served = served if kind == MISSING and served else list(schemas)
+        raise ConfigError(f"{group}.{key}={kind!r}: choose one of {', '.join(served)}"
+                          f"{_suggest(str(kind), served)} ({group}=NAME picks it)")
+    raise ConfigError(f"{group}.{key}={kind!r} does not fit the {type(node).__name__} schema: "
+                      f"pick the {group} with {group}={kind} (that option has its own keys)")
 
 
 @dataclass
@@ -139,7 +340,9 @@ class TrackingConfig:
 # Config keys whose values may differ between the members of one population: each is an
 # array in the training state (or used only at initialisation), never a constant baked into
 # the compiled program, so one executable trains every member (case C17). Every other key is
-# structural: points that differ in it are separate programs.
+# structural: points that differ in it are separate programs. optim.weight_decay and
+# optim.momentum exist only for optim=adamw and optim=momentum: the members of a population
+# share the optimizer (optim= is structural), and member_configs refuses them for the others.
 VMAPPABLE_KEYS = ("seed", "optim.learning_rate", "optim.weight_decay", "optim.momentum",
                   "optim.clip_norm", "optim.final_lr_fraction", "model.init_scale")
 
@@ -160,9 +363,9 @@ class PopulationConfig:
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    model: ModelConfig = MISSING       # a kind's schema, picked with model=KIND
+    data: DataConfig = MISSING         # a kind's schema, picked with data=KIND
+    optim: OptimConfig = MISSING       # an optimizer's schema, picked with optim=NAME
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     gradcheck: GradcheckConfig = field(default_factory=GradcheckConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -174,10 +377,27 @@ class Config:
                                        # MLflow run; only trainer.num_steps may grow
     mode: str = "train"                # "train", or "gradcheck": the worked derivative examples
 
+    def __post_init__(self) -> None:
+        # no default kind here: conf/config.yaml picks them (model: mlp, ...), once
+        for group, base in (("model", ModelConfig), ("data", DataConfig), ("optim", OptimConfig)):
+            if not isinstance(getattr(self, group), base):
+                kinds = ", ".join(s.__name__ for s in dict.fromkeys(SCHEMAS[group].values()))
+                raise ConfigError(f"Config({group}=...) needs one of the {group} schemas: {kinds}")
+
 
 def register_configs() -> None:
-    """Register the schema as ``base_config`` in Hydra's ConfigStore."""
-    ConfigStore.instance().store(name="base_config", node=Config)
+    """Register the schemas in Hydra's ConfigStore: ``Config`` as ``base_config``, each
+    kind's schema as ``schema/<group>/<name>``, which the option's YAML names first in its
+    defaults list (``/schema/model/mlp@_here_``).
+
+    Not in the group itself (``model/mlp_schema``, as Hydra's tutorial has it): there a
+    sweep's ``optim=glob(adam*)`` or ``data=glob(*)`` would pick the schemas as options.
+    """
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for group, schemas in SCHEMAS.items():
+        for schema in dict.fromkeys(schemas.values()):
+            cs.store(group=f"schema/{group}", name=SCHEMA_NAMES[schema], node=schema)
 
 
 # --- names the user may write ------------------------------------------------------------
@@ -195,28 +415,59 @@ def _schema_fields(schema) -> dict[str, Any]:
     return typing.get_type_hints(schema)
 
 
+def _group_fields(group: str) -> dict[str, Any]:
+    """The keys of every kind of ``group`` (model, data, optim) with their types."""
+    out: dict[str, Any] = {}
+    for schema in SCHEMAS[group].values():
+        for name, hint in _schema_fields(schema).items():
+            out.setdefault(name, hint)
+    return out
+
+
+def _kinds_with(group: str, key: str) -> list[str]:
+    """The kinds of ``group`` whose schema has ``key`` (``"width"`` -> ``["tied"]``)."""
+    return [kind for kind, schema in SCHEMAS[group].items() if key in _schema_fields(schema)]
+
+
+def _not_for_kind(group: str, key: str, kind: str) -> ConfigError:
+    """``model.width`` given to ``model=mlp``: name the options that have it."""
+    options = " or ".join(f"{group}={k}" for k in _kinds_with(group, key))
+    return ConfigError(f"{group}.{key} applies to {options} (this run uses {group}={kind}); "
+                       f"choose that {group} or drop {group}.{key}")
+
+
 def _suggest(word: str, choices) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def _unknown_key(dotted: str, prefix: str, schema) -> ConfigError:
-    valid = [prefix + name for name in _schema_fields(schema)]
+def _unknown_key(dotted: str, prefix: str, fields) -> ConfigError:
+    valid = [prefix + name for name in fields]
     return ConfigError(f"unknown config key {dotted!r}{_suggest(dotted, valid)} "
                        f"(valid keys here: {', '.join(valid)})")
 
 
 def _resolve_key(dotted: str) -> Any:
-    """Return the type of a dotted schema key, or raise ConfigError with a suggestion."""
+    """Return the type of a dotted schema key, or raise ConfigError with a suggestion.
+
+    A key of the model, data or optimizer is looked up in every kind's schema
+    (``model.width`` is a key of ``model=tied``); ``_check_kind_keys`` decides whether
+    it applies to the kind a run uses.
+    """
     parts = dotted.split(".")
     node: Any = Config
     path = []
     for part in parts:
-        if not (isinstance(node, type) and is_dataclass(node)):
+        if path == [] and part in SCHEMAS:
+            hints = {part: None}
+        elif len(path) == 1 and path[0] in SCHEMAS:
+            hints = _group_fields(path[0])
+        elif isinstance(node, type) and is_dataclass(node):
+            hints = _schema_fields(node)
+        else:
             raise ConfigError(f"unknown config key {dotted!r}: {'.'.join(path)} has no sub-keys")
-        hints = _schema_fields(node)
         if part not in hints:
-            raise _unknown_key(dotted, ".".join(path + [""]), node)
+            raise _unknown_key(dotted, ".".join(path + [""]), hints)
         node = hints[part]
         path.append(part)
     return node
@@ -229,10 +480,11 @@ def check_overrides(overrides: list[str]) -> None:
 
     Catches what Hydra accepts silently (``+trainer.typo=1``), what it words
     cryptically (``experiment=x`` without ``+``, an unknown experiment, a key
-    misspelled) and values of the wrong type, with the nearest valid name. Hydra's own
-    settings pass: ``hydra.*`` keys unchecked, ``hydra/<group>=<option>`` checked against
-    the options Hydra would find (its own, installed plugins', ours), unless
-    ``hydra.searchpath`` adds places to look.
+    misspelled, a key of another kind: ``data.path=x.csv`` without ``data=csv``) and
+    values of the wrong type, with the nearest valid name. Hydra's own settings pass:
+    ``hydra.*`` keys unchecked, ``hydra/<group>=<option>`` checked against the options
+    Hydra would find (its own, installed plugins', ours), unless ``hydra.searchpath``
+    adds places to look.
 
     Raises:
       ConfigError: naming the override and the fix.
@@ -247,6 +499,7 @@ def check_overrides(overrides: list[str]) -> None:
                           "values with special characters, e.g. 'data.path=\"~/x.csv\"'"
                           ) from None
     searchpath = any(ov.key_or_group == "hydra.searchpath" for ov in parsed)
+    keys = []
     for ov in parsed:
         key = ov.key_or_group
         text = ov.input_line
@@ -271,6 +524,84 @@ def check_overrides(overrides: list[str]) -> None:
         expected = _resolve_key(key)
         for value in _values(ov):
             _check_type(key, value, expected)
+        keys.append(key)
+    chosen = _chosen_options(parsed)
+    _check_kind_keys(keys, chosen)
+    for values in [set(map(str, _values(ov))) for ov in parsed
+                   if ov.key_or_group == "experiment"][-1:]:
+        for name in sorted(values):
+            _check_experiment_keys(name, chosen)
+
+
+def _chosen_options(parsed) -> dict[str, set[str]]:
+    """The options of model, data and optim that the overrides lead to (several in a
+    sweep): the group's own override, else each experiment's ``override /group``, else
+    ``conf/config.yaml``'s default."""
+    defaults = _defaults_choices(CONF_DIR / "config.yaml", "")
+    given = {ov.key_or_group: set(map(str, _values(ov))) for ov in parsed
+             if ov.key_or_group in SCHEMAS and not ov.is_delete()}
+    experiments = [set(map(str, _values(ov))) for ov in parsed
+                   if ov.key_or_group == "experiment"]
+    chosen = {}
+    for group in SCHEMAS:
+        if group in given:
+            chosen[group] = given[group]
+        elif experiments:
+            chosen[group] = {_defaults_choices(CONF_DIR / "experiment" / f"{name}.yaml",
+                                               "override /").get(group, defaults[group])
+                             for name in experiments[-1]}
+        else:
+            chosen[group] = {defaults[group]}
+    return chosen
+
+
+def _defaults_choices(path: Path, prefix: str) -> dict[str, str]:
+    """``{group: option}`` from the defaults list of a YAML file (entries ``prefix+group``)."""
+    out = {}
+    for entry in OmegaConf.load(path).get("defaults", []):
+        if isinstance(entry, (dict, DictConfig)):
+            for key, value in entry.items():
+                if str(key).startswith(prefix) and str(key)[len(prefix):] in SCHEMAS:
+                    out[str(key)[len(prefix):]] = str(value)
+    return out
+
+
+def _check_kind_keys(keys: list[str], chosen: dict[str, set[str]]) -> None:
+    """Each ``model.*`` / ``data.*`` / ``optim.*`` key typed must exist in the schema of
+    every option the run (or each point of a sweep) uses."""
+    for key in keys:
+        group, _, rest = key.partition(".")
+        if group not in SCHEMAS or not rest:
+            continue
+        name = rest.split(".")[0]
+        for kind in sorted(chosen[group]):
+            schema = SCHEMAS[group].get(kind)
+            if schema is not None and name not in _schema_fields(schema):
+                raise _not_for_kind(group, name, kind)
+
+
+def _check_experiment_keys(name: str, chosen: dict[str, set[str]]) -> None:
+    """An experiment's values for one kind (``model.hidden`` in ``diabetes``) cannot apply
+    to another kind chosen on the command line (``+experiment=diabetes model=tied``):
+    Hydra would stop with a ConfigKeyError; this names the clash and the way out."""
+    def choices(experiment: str) -> dict[str, str]:
+        return _defaults_choices(CONF_DIR / "experiment" / f"{experiment}.yaml", "override /")
+
+    body = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "experiment" / f"{name}.yaml"))
+    for group, schemas in SCHEMAS.items():
+        default = _defaults_choices(CONF_DIR / "config.yaml", "")[group]
+        for key in body.get(group) or {}:
+            for kind in sorted(chosen[group]):
+                if key in _schema_fields(schemas[kind]):
+                    continue
+                made_for = [n for n in experiment_names() if choices(n).get(group) == kind]
+                start = (f"an experiment made for {group}={kind} ({', '.join(made_for)})"
+                         if made_for else f"no experiment, with {group}={kind}")
+                raise ConfigError(
+                    f"+experiment={name} sets {group}.{key}, which {group}={kind} does not have "
+                    f"(it applies to {' or '.join(f'{group}={k}' for k in _kinds_with(group, key))}"
+                    f"); keep the experiment's {group}={choices(name).get(group) or default}, or "
+                    f"start from {start}")
 
 
 def _check_hydra_group(ov) -> None:
@@ -300,6 +631,13 @@ def _first_value(ov) -> str:
 
 
 def _values(ov):
+    from hydra.core.override_parser.types import Glob
+
+    if isinstance(ov.value(), Glob):  # glob(...) picks among a group's options
+        key = ov.key_or_group
+        options = (experiment_names() if key == "experiment" else
+                   group_options(key) if key in GROUPS else [])
+        return ov.value().filter(options)
     if ov.is_sweep_override():
         if ov.is_choice_sweep() or ov.is_range_sweep():
             return list(ov.sweep_iterator())
@@ -363,19 +701,17 @@ def _type_name(expected) -> str:
 # --- checks on the composed config -------------------------------------------------------
 
 def validate(cfg: DictConfig) -> None:
-    """Check the composed config: every key in the schema, every value in range.
+    """Check the composed config: every key in its schema, every value in range.
+
+    The model, data and optimizer schemas check their own values when ``to_config``
+    builds them (``__post_init__``); this adds the other groups and the checks that
+    span groups.
 
     Raises:
       ConfigError: naming the key, the bad value and what is allowed.
     """
-    _check_keys(OmegaConf.to_container(cfg, resolve=False), Config, "")
+    _check_keys(cfg, "")
     c = to_config(cfg)
-    _choice("model.kind", c.model.kind, ("mlp", "tied"))
-    _choice("model.init", c.model.init, INITIALIZERS)
-    _choice("data.kind", c.data.kind, DATA_KINDS)
-    _choice("data.task", c.data.task, ("auto", "regression", "classification"))
-    _choice("optim.name", c.optim.name, OPTIMIZERS)
-    _choice("optim.schedule", c.optim.schedule, SCHEDULES)
     _choice("trainer.on_nonfinite", c.trainer.on_nonfinite, ("stop", "skip"))
     _choice("mode", c.mode, MODES)
     if c.trainer.patience < 0:
@@ -396,56 +732,70 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.checkpoint_every_steps={c.trainer.checkpoint_every_steps}: "
                           "use 0 (no periodic saves), a positive number of steps, or null "
                           "(a tenth of the run for runs of 10000 steps or more)")
-    for key in ("trainer.num_steps", "trainer.steps_per_call", "trainer.log_every_steps",
-                "trainer.eval_every_steps", "trainer.checkpoint_keep", "data.batch_size",
-                "model.width", "data.seed_width"):
-        group, name = key.split(".")
-        _positive(key, getattr(getattr(c, group), name))
-    if not c.model.hidden or any(h <= 0 for h in c.model.hidden):
-        raise ConfigError(f"model.hidden={list(c.model.hidden)}: give one or more positive widths")
-    if c.model.tied_hidden and len(set(c.model.hidden)) != 1:
-        raise ConfigError(f"model.tied_hidden=true needs equal hidden widths, got "
-                          f"model.hidden={list(c.model.hidden)}")
-    _positive("optim.learning_rate", c.optim.learning_rate)
-    if c.optim.clip_norm is not None:
-        _positive("optim.clip_norm", c.optim.clip_norm)
-    if not 0 <= c.optim.warmup_steps < c.trainer.num_steps:
+    for key in ("num_steps", "steps_per_call", "log_every_steps", "eval_every_steps",
+                "checkpoint_keep"):
+        _positive(f"trainer.{key}", getattr(c.trainer, key))
+    if not c.optim.warmup_steps < c.trainer.num_steps:
         raise ConfigError(f"optim.warmup_steps={c.optim.warmup_steps}: must be >= 0 and less "
                           f"than trainer.num_steps={c.trainer.num_steps}")
     if c.seed < 0:
         raise ConfigError(f"seed={c.seed}: must be >= 0")
-    if c.optim.weight_decay < 0:
-        raise ConfigError(f"optim.weight_decay={c.optim.weight_decay}: must be >= 0")
-    if not 0 <= c.optim.momentum < 1:
-        raise ConfigError(f"optim.momentum={c.optim.momentum}: must lie in [0, 1)")
-    if not 0 <= c.optim.final_lr_fraction <= 1:
-        raise ConfigError(f"optim.final_lr_fraction={c.optim.final_lr_fraction}: must lie in "
-                          "[0, 1]")
-    _positive("model.init_scale", c.model.init_scale)
-    for key in ("val_fraction", "test_fraction"):
-        value = getattr(c.data, key)
-        if not 0.0 < value < 1.0:
-            raise ConfigError(f"data.{key}={value}: must lie strictly between 0 and 1")
-    if c.data.val_fraction + c.data.test_fraction >= 0.9:
-        raise ConfigError("data.val_fraction + data.test_fraction must leave at least 10% of the "
-                          f"rows for training, got {c.data.val_fraction + c.data.test_fraction}")
-    if c.data.kind == "csv" and not c.data.path:
-        raise ConfigError("data.kind=csv needs data.path=/path/to/table.csv and data.target=[COL]")
 
 
 def to_config(cfg: DictConfig) -> Config:
-    """The composed config as plain dataclasses (interpolations resolved)."""
+    """The composed config as plain dataclasses (interpolations resolved): the model,
+    data and optimizer as their kind's schema (``MlpModelConfig``, ...), each checked
+    by its ``__post_init__``.
+
+    Raises:
+      ConfigError: a value out of range, or a kind its schema does not serve.
+    """
     return OmegaConf.to_object(cfg)
 
 
-def _check_keys(node: Any, schema, prefix: str) -> None:
-    hints = _schema_fields(schema)
-    for key, value in node.items():
-        dotted = prefix + key
-        if key not in hints:
-            raise _unknown_key(dotted, prefix, schema)
-        if is_dataclass(hints[key]) and isinstance(value, dict):
-            _check_keys(value, hints[key], dotted + ".")
+def structured(tree: dict) -> DictConfig:
+    """A resolved config as a plain dict (a run's stored ``config.yaml``) as a typed
+    ``DictConfig``, each group in the schema of its kind.
+
+    Keys of another kind of the same group are dropped: runs recorded before the
+    schemas were split per kind stored every key of the group (``model.width`` for an
+    MLP), none of which their training used. Any other unknown key is refused.
+
+    Raises:
+      ConfigError: an unknown kind or key.
+    """
+    tree = dict(tree)
+    cfg = OmegaConf.structured(Config)
+    for group, schemas in SCHEMAS.items():
+        node = dict(tree.get(group) or {})
+        kind = node.get(KIND_KEY[group])
+        if kind not in schemas:
+            raise ConfigError(f"{group}.{KIND_KEY[group]}={kind!r}: choose one of "
+                              f"{', '.join(schemas)}")
+        own, every = _schema_fields(schemas[kind]), _group_fields(group)
+        tree[group] = {k: v for k, v in node.items() if k in own or k not in every}
+        cfg[group] = OmegaConf.structured(schemas[kind])
+    try:
+        return OmegaConf.merge(cfg, tree)
+    except Exception as err:  # noqa: BLE001 - OmegaConf's errors name the key
+        raise ConfigError(f"the stored config does not fit the schema: "
+                          f"{' '.join(str(err).split())}") from None
+
+
+def _check_keys(node: DictConfig, prefix: str) -> None:
+    schema = OmegaConf.get_type(node)
+    hints = _schema_fields(schema) if is_dataclass(schema) else None
+    for key in node.keys():
+        dotted = f"{prefix}{key}"
+        if hints is not None and key not in hints:
+            group = prefix.rstrip(".")
+            if group in SCHEMAS and key in _group_fields(group):
+                raise _not_for_kind(group, str(key), node[KIND_KEY[group]])
+            raise _unknown_key(dotted, prefix, hints)
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and \
+                not child._is_none():
+            _check_keys(child, dotted + ".")
 
 
 def _choice(key: str, value: str, choices) -> None:
@@ -455,8 +805,25 @@ def _choice(key: str, value: str, choices) -> None:
 
 
 def _positive(key: str, value) -> None:
-    if value <= 0:
+    if not value > 0:  # catches NaN too
         raise ConfigError(f"{key}={value}: must be greater than 0")
+
+
+# --- what a run's params record ------------------------------------------------------------
+
+# mode=gradcheck (the worked derivative examples) reads none of the model, data, optimizer,
+# trainer or gradcheck keys: its examples fix their own points and keys (gradcheck.py).
+WORKED_EXAMPLES_KEYS = ("mode", "tracking")
+
+
+def logged_config(resolved: dict) -> dict:
+    """The part of a resolved config that a run's MLflow params record: what the job
+    uses. Training: all of it (each group holds only its kind's keys) but ``resume``,
+    which says how the run was launched (its ``config.yaml`` keeps it).
+    ``mode=gradcheck``: ``WORKED_EXAMPLES_KEYS`` only."""
+    if resolved.get("mode") == "gradcheck":
+        return {k: v for k, v in resolved.items() if k in WORKED_EXAMPLES_KEYS}
+    return {k: v for k, v in resolved.items() if k != "resume"}
 
 
 # --- populations -------------------------------------------------------------------------
@@ -496,6 +863,10 @@ def member_configs(cfg: DictConfig) -> list[tuple[dict[str, Any], DictConfig]]:
                                   f"between members (allowed: {', '.join(VMAPPABLE_KEYS)})"
                                   f"{hint}")
             _check_type(f"population.members[{index}].{key}", value, _resolve_key(key))
+            group, _, name = key.partition(".")
+            if group in SCHEMAS and name not in member[group]:  # optim.momentum with adam
+                raise ConfigError(f"population.members[{index}]: "
+                                  f"{_not_for_kind(group, name, member[group][KIND_KEY[group]])}")
             OmegaConf.update(member, key, value, merge=False)
         try:
             validate(member)
@@ -543,7 +914,7 @@ def resume_config(stored: dict, overrides: list[str], composed: DictConfig, *,
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    base = OmegaConf.merge(OmegaConf.structured(Config), stored)
+    base = structured(stored)
     old = OmegaConf.to_container(base, resolve=True)
     new = OmegaConf.to_container(composed, resolve=True)
     changed = []

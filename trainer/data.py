@@ -82,11 +82,11 @@ class Dataset:
 
 
 def load_dataset(data, *, seed: int) -> Dataset:
-    """Load and split the dataset that ``data`` (a ``DataConfig``) names.
+    """Load and split the dataset that ``data`` (a kind's ``config.*DataConfig``) names.
 
     Args:
-      data: needs ``kind`` and, by kind, ``path``, ``target``, ``features``,
-        ``task``, ``val_fraction``, ``test_fraction``, ``standardize``,
+      data: needs ``kind``, ``val_fraction``, ``test_fraction``, ``standardize``
+        and, by kind: csv ``path``, ``target``, ``features``, ``task``; seed
         ``seed_width``, ``seed_x_key``, ``seed_y_key``.
       seed: the run's seed; decides the split.
 
@@ -133,7 +133,7 @@ def load_member_datasets(configs: list, launch_dir: Path) -> list[Dataset]:
     by_seed: dict[int, Dataset] = {}
     for cfg in configs:
         data = cfg.data
-        if data.path and not Path(data.path).expanduser().is_absolute():
+        if data.kind == "csv" and data.path and not Path(data.path).expanduser().is_absolute():
             data = dataclasses.replace(data, path=str(Path(launch_dir) / data.path))
         if cfg.seed not in by_seed:
             if data.cache:

@@ -54,7 +54,8 @@ def load(data, *, seed: int, directory: Path | None = None) -> Dataset:
     entry exists, else loaded from the source and stored.
 
     Args:
-      data: a ``config.DataConfig`` whose ``path`` is absolute (or None).
+      data: a data kind's schema (``config.TabularDataConfig``, ``config.CsvDataConfig``
+        whose ``path`` is absolute, ...).
       seed: the run's seed; decides the split.
       directory: the cache folder (default: ``default_dir()``).
 
@@ -92,8 +93,9 @@ def load(data, *, seed: int, directory: Path | None = None) -> Dataset:
 def _key(data, seed: int) -> str:
     from importlib import metadata
 
-    settings = {f: getattr(data, f) for f in ("kind", "path", "target", "features", "task",
-                                              "val_fraction", "test_fraction", "standardize")}
+    # every key of the data kind's schema but those that do not shape the split
+    settings = {f.name: getattr(data, f.name) for f in dataclasses.fields(data)
+                if f.name not in ("batch_size", "cache")}
     if data.kind == "csv":
         source = hashlib.sha256(Path(data.path).expanduser().read_bytes()).hexdigest()
     else:

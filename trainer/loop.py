@@ -30,7 +30,7 @@ from .checks import GradcheckFailedError, Gradchecker, check_worked_examples
 from .data import Dataset
 from .evaluate import evaluate_test, linear_baseline
 from .measure import CountingCompiler, chunk_timings
-from .models import ModelSpec, count_params
+from .models import count_params, make_model_spec
 from .optim import Optimizer, hyperparams, make_optimizer
 from .population import MemberLayout, init_params, member_layout, pad_members
 from .steps import (DeviceData, TrainState, check_scalar_loss, init_train_state, loss_for_task,
@@ -165,10 +165,8 @@ def build_run(members: list, datasets: list[Dataset], *, loss_fn: Callable | Non
     layout = member_layout(len(members))
     padded = pad_members(list(members), layout.size)
     padded_data = pad_members(list(datasets), layout.size)
-    spec = ModelSpec(kind=cfg.model.kind, in_features=dataset.in_features,
-                     out_features=dataset.out_features, width=cfg.model.width,
-                     hidden=tuple(cfg.model.hidden), tied_hidden=cfg.model.tied_hidden,
-                     init=cfg.model.init, init_scale=cfg.model.init_scale)
+    spec = make_model_spec(cfg.model, in_features=dataset.in_features,
+                           out_features=dataset.out_features)
     graphdef, params = init_params(spec, [m.seed for m in padded],
                                    [m.model.init_scale for m in padded])
     loss_fn = loss_fn or loss_for_task(dataset.task)

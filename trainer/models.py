@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["ModelSpec", "TiedTanh", "TanhMLP", "make_initializer", "init_model", "count_params"]
+__all__ = ["ModelSpec", "make_model_spec", "TiedTanh", "TanhMLP", "make_initializer",
+           "init_model", "count_params"]
 
 INITIALIZERS = ("lecun_normal", "glorot_normal", "normal")
 
@@ -146,9 +147,9 @@ class ModelSpec:
     Attributes:
       kind: ``"tied"`` or ``"mlp"``.
       in_features, out_features: row sizes of the data's inputs and targets.
-      width: side of ``Θ`` for ``tied``.
-      hidden: hidden widths for ``mlp``.
-      tied_hidden: share the hidden-to-hidden kernel in ``mlp``.
+      width: side of ``Θ`` for ``tied`` (0 for ``mlp``).
+      hidden: hidden widths for ``mlp`` (empty for ``tied``).
+      tied_hidden: share the hidden-to-hidden kernel in ``mlp`` (False for ``tied``).
       init: initializer name (see ``make_initializer``); init_scale: its stddev for ``normal``.
     """
 
@@ -160,6 +161,23 @@ class ModelSpec:
     tied_hidden: bool
     init: str
     init_scale: float
+
+
+def make_model_spec(model, *, in_features: int, out_features: int) -> ModelSpec:
+    """The ``ModelSpec`` of a model config (a kind's schema: ``config.MlpModelConfig``
+    reads ``hidden`` and ``tied_hidden``, ``config.TiedModelConfig`` reads ``width``).
+
+    Raises:
+      ValueError: unknown ``model.kind``.
+    """
+    if model.kind == "tied":
+        shape = {"width": model.width, "hidden": (), "tied_hidden": False}
+    elif model.kind == "mlp":
+        shape = {"width": 0, "hidden": tuple(model.hidden), "tied_hidden": model.tied_hidden}
+    else:
+        raise ValueError(f"unknown model kind {model.kind!r}; choose 'tied' or 'mlp'")
+    return ModelSpec(kind=model.kind, in_features=in_features, out_features=out_features,
+                     init=model.init, init_scale=model.init_scale, **shape)
 
 
 def init_model(spec: ModelSpec, *, key: jax.Array) -> nnx.Module:

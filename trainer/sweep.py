@@ -75,7 +75,7 @@ def run_population_job(client, store: Store, experiment_id: str, experiment: str
       what ``loop.train_population`` raises, after every run of the job is closed
       FAILED (or KILLED on Ctrl-C / SIGTERM) with the error.
     """
-    from .config import to_config
+    from .config import logged_config, to_config
 
     population = cfg.population
     sweep_id = population.sweep_id or new_sweep_id()
@@ -97,9 +97,9 @@ def run_population_job(client, store: Store, experiment_id: str, experiment: str
                 tags={**job_tags, "command": " ".join(["python -m trainer", *sys.argv[1:]]),
                       "population.role": "parent"}))
             parent_id = parent.run_id
-            parent.log_params({k: v for k, v in flatten_config(
-                OmegaConf.to_container(cfg, resolve=True)).items()
-                if not k.startswith("population.") and k != "resume"})
+            parent.log_params({k: v for k, v in flatten_config(logged_config(
+                OmegaConf.to_container(cfg, resolve=True))).items()
+                if not k.startswith("population.")})
             console.print(f"parent run {parent_id} in experiment {experiment!r}")
         if skipped:
             MlflowTracker(client, parent_id).set_tags(
@@ -118,8 +118,7 @@ def run_population_job(client, store: Store, experiment_id: str, experiment: str
                         tags={**job_tags, PARENT_TAG: parent_id, "config_hash": hashes[i],
                               "population.member": str(i), "population.role": "member",
                               "population.values": json.dumps(values)}))
-                    tracker.log_params({k: v for k, v in flatten_config(resolved[i]).items()
-                                        if k != "resume"})
+                    tracker.log_params(flatten_config(logged_config(resolved[i])))
                     tracker.log_text(OmegaConf.to_yaml(resolved[i]), "config.yaml")
                     trackers.append(tracker)
                 console.print(f"{len(todo)} member runs under parent {parent_id}")

@@ -37,7 +37,7 @@ from jax import lax
 
 from .harness import HIGHER, BenchResult, Recorder, matmul_tol
 from .. import measure
-from ..config import Config, DataConfig, ModelConfig, OptimConfig, TrainerConfig
+from ..config import AdamWOptimConfig, Config, MlpModelConfig, TabularDataConfig, TrainerConfig
 from ..data import load_dataset
 from ..loop import SHUFFLE_STREAM, train_and_evaluate
 from ..steps import row_permutation
@@ -64,9 +64,10 @@ QUICK = Sizes(num_steps=20_000, repeats=1)  # a service run costs ~3 s of fixed 
 
 def make_config(sizes: Sizes) -> Config:
     """The measured training: tanh MLP [8] on diabetes, batch 32, AdamW with cosine decay."""
-    return Config(model=ModelConfig(hidden=[8]), data=DataConfig(kind="diabetes", batch_size=32),
-                  optim=OptimConfig(name="adamw", learning_rate=3e-3, weight_decay=0.1,
-                                    schedule="cosine"),
+    return Config(model=MlpModelConfig(hidden=[8]),
+                  data=TabularDataConfig(kind="diabetes", batch_size=32),
+                  optim=AdamWOptimConfig(learning_rate=3e-3, weight_decay=0.1,
+                                         schedule="cosine"),
                   trainer=TrainerConfig(num_steps=sizes.num_steps,
                                         steps_per_call=sizes.steps_per_call,
                                         log_every_steps=sizes.log_every_steps,

@@ -46,10 +46,11 @@ from jax import lax
 
 from .harness import HIGHER, BenchResult, Recorder, matmul_tol
 from .. import measure
-from ..config import Config, DataConfig, ModelConfig, OptimConfig, TrainerConfig
+from ..config import (AdamOptimConfig, Config, MlpModelConfig, SeedDataConfig,
+                      TabularDataConfig, TiedModelConfig, TrainerConfig)
 from ..data import load_dataset
 from ..loop import build_run, train_and_evaluate
-from ..models import ModelSpec, init_model
+from ..models import ModelSpec, init_model, make_model_spec
 from ..steps import mse_loss
 from ..tracking import get_or_create_experiment, open_store, resolve_store, start_run
 
@@ -82,20 +83,20 @@ def workload(name: str, num_steps: int) -> Config:
     if name == "W3":
         num_steps = max(num_steps // 10, 3 * TrainerConfig.steps_per_call)
     trainer = TrainerConfig(num_steps=num_steps, progress=False)
-    adam = OptimConfig(name="adam", learning_rate=1e-3)
+    adam = AdamOptimConfig(learning_rate=1e-3)
     if name == "W1":
-        return Config(model=ModelConfig(kind="tied", width=100, init="normal", init_scale=1.0),
-                      data=DataConfig(kind="seed", seed_width=100, standardize=False,
-                                      batch_size=1), optim=adam, trainer=trainer)
+        return Config(model=TiedModelConfig(width=100, init="normal", init_scale=1.0),
+                      data=SeedDataConfig(seed_width=100, standardize=False, batch_size=1),
+                      optim=adam, trainer=trainer)
     width = 512 if name == "W3" else 64
-    return Config(model=ModelConfig(hidden=[width, width]),
-                  data=DataConfig(kind="diabetes", batch_size=32), optim=adam, trainer=trainer)
+    return Config(model=MlpModelConfig(hidden=[width, width]),
+                  data=TabularDataConfig(kind="diabetes", batch_size=32), optim=adam,
+                  trainer=trainer)
 
 
 def _spec(cfg: Config, dataset) -> ModelSpec:
-    m = cfg.model
-    return ModelSpec(m.kind, dataset.in_features, dataset.out_features, m.width,
-                     tuple(m.hidden), m.tied_hidden, m.init, m.init_scale)
+    return make_model_spec(cfg.model, in_features=dataset.in_features,
+                           out_features=dataset.out_features)
 
 
 def hand_written_run(cfg: Config, dataset) -> tuple[float, float, float, object]:

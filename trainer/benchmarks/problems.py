@@ -12,7 +12,7 @@ from typing import Any, Callable
 import jax
 from flax import nnx
 
-from ..config import OptimConfig
+from ..config import AdamOptimConfig
 from ..models import ModelSpec, count_params, init_model
 from ..optim import make_optimizer
 from ..steps import TrainState, init_train_state, make_train_step, mse_loss
@@ -74,7 +74,7 @@ def make_mlp_problem(*, width: int, batch_size: int, depth: int = 2, in_features
         return mse_loss(nnx.merge(graphdef, params)(x), y)
 
     # A population of one, as the service trains a lone run.
-    optimizer = make_optimizer(OptimConfig(name="adam", learning_rate=LEARNING_RATE), 1)
+    optimizer = make_optimizer(AdamOptimConfig(learning_rate=LEARNING_RATE), 1)
     train_step = make_train_step(graphdef, optimizer, mse_loss)
     state = init_train_state(jax.tree.map(lambda a: a[None], params), optimizer,
                              {"learning_rate": jax.numpy.full((1,), LEARNING_RATE)},
