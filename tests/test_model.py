@@ -25,7 +25,7 @@ from flax import nnx
 
 from conftest import cli_env, store_client
 from trainer import mlflow_model
-from trainer.config import DataConfig
+from trainer.config import TabularDataConfig as DataConfig
 from trainer.data import load_dataset
 from trainer.models import ModelSpec, init_model
 from trainer.tracking import run_op
