@@ -119,11 +119,15 @@ class RecordingTracker:
     def __init__(self):
         self.log_s = 0.0
         self.tags: dict[str, str] = {}
+        self.params: dict[str, str] = {}
         self.points: list[tuple[str, float, int]] = []
         self.artifacts: list[tuple[str, str | None]] = []
 
     def set_tags(self, tags):
         self.tags.update(tags)
+
+    def log_params(self, params):
+        self.params.update({k: str(v) for k, v in params.items()})
 
     def log_metrics(self, points):
         points = list(points)
