@@ -310,8 +310,8 @@ def summarize_parent(client, experiment_id: str, parent_run_id: str, *,
         params = [(f"best.{k}", str(v)) for k, v in best["values"].items()
                   if f"best.{k}" not in existing]
         metrics += [(f"best/{k}", v, now, 0) for k, v in best["metrics"].items()]
-        names = sorted({k for r in finished for k in r["metrics"]})
-        for name in names:
+        summarised = sorted({k for r in finished for k in r["metrics"]})
+        for name in summarised:
             values = [r["metrics"][name] for r in finished if name in r["metrics"]]
             for stat, value in (("min", min(values)), ("median", statistics.median(values)),
                                 ("max", max(values))):
