@@ -107,7 +107,8 @@ def wait_for_training(proc: subprocess.Popen, log: Path, launch: Path,
         assert proc.poll() is None, f"CLI exited early ({proc.returncode}):\n{log.read_text()}"
         assert time.monotonic() < deadline, f"no train_loss points:\n{log.read_text()}"
         run = client.get_run(run_id)
-        if run.info.status == "RUNNING" and len(client.get_metric_history(run_id, "curves/train_loss")) >= 2:
+        points = client.get_metric_history(run_id, "curves/train_loss")
+        if run.info.status == "RUNNING" and len(points) >= 2:
             return client, run_id
         time.sleep(0.3)
 

@@ -18,13 +18,14 @@ In the code the curves keep the names the train step gives them (``train_loss``,
 ``record_curve`` names them for the record, ``CURVES`` reads them back. Constants of a
 run (``RUN_PARAMS``: parameter count, rows per step) are params, not metrics: a
 metric has a chart of its own, and one that every run of a sweep shares draws a flat one
-(and MLflow's parallel-coordinates plot picks the first metric the runs share). No MLflow here: the loop imports this module.
+(and MLflow's parallel-coordinates plot picks the first metric the runs share). No
+MLflow here: the loop imports this module.
 """
 
 from __future__ import annotations
 
-__all__ = ["CURVES", "RUN_PARAMS", "RESULT_STEP", "GRADCHECK_WORST", "record_curve", "test_metric",
-           "baseline_metric", "time_metric", "xla_metric", "train_metric"]
+__all__ = ["CURVES", "RUN_PARAMS", "RESULT_STEP", "GRADCHECK_WORST", "record_curve",
+           "test_metric", "baseline_metric", "time_metric", "xla_metric", "train_metric"]
 
 # the train step's name of each curve -> its name in the record, in this order
 CURVES = {"train_loss": "curves/train_loss", "val_loss": "curves/val_loss",

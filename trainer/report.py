@@ -11,9 +11,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-__all__ = ["progress_bar", "loss_label", "plot_training", "plot_gradcheck", "save_params", "print_summary",
-           "write_members_csv", "plot_sweep", "plot_member_curves", "print_population",
-           "print_examples", "workdir"]
+__all__ = ["progress_bar", "loss_label", "plot_training", "plot_gradcheck", "save_params",
+           "print_summary", "write_members_csv", "plot_sweep", "plot_member_curves",
+           "print_population", "print_examples", "workdir"]
 
 
 @contextlib.contextmanager
