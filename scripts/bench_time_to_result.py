@@ -16,8 +16,9 @@ a shared machine's drifts fall on all of them alike:
 - ``examples``: ``python -m trainer +experiment=gradcheck`` (the worked examples), warm.
 
 Every trainer command must exit 0 (else the script exits 1). The run's own phase
-figures (``startup_s``, ``compile_s``, ``gradcheck_s``, ``wall_s``, cache hits) are read
-back from each warm and cold run's store. Results: medians, the ratios warm/reference and
+figures (``time/startup_s``, ``time/compile_s``, ``time/gradcheck_s``, ``time/wall_s``,
+``xla/compile_cache_hits`` and ``_misses``) are read back from each warm and cold run's
+store, and reported under their short names. Results: medians, the ratios warm/reference and
 cold/reference, every sample, versions and the load average, as JSON with ``--json``.
 The caches of warm samples are folders of this benchmark's own (``JAX_COMPILATION_CACHE_DIR``,
 ``TRAINER_DATA_CACHE_DIR``), not the user's.
@@ -40,6 +41,8 @@ MODES = ["reference", "warm", "cold", "examples"]
 TIMEOUT_S = 900
 FIGURES = ["startup_s", "trace_lower_s", "compile_s", "train_s", "gradcheck_s", "wall_s",
            "compile_cache_hits", "compile_cache_misses"]
+# the run's names of FIGURES (trainer/names.py): timings under time/, XLA's figures under xla/
+RECORDED = {k: f"xla/{k}" if k.startswith("compile_cache_") else f"time/{k}" for k in FIGURES}
 
 READ_RUN = """import json, sys, mlflow
 c = mlflow.MlflowClient(tracking_uri=f"sqlite:///{sys.argv[1]}/mlruns/mlflow.db")
@@ -71,7 +74,7 @@ def read_run(python: str, launch: Path, env: dict[str, str]) -> dict:
     run = json.loads(out.stdout.strip().splitlines()[-1])
     if run["status"] != "FINISHED":
         fail(f"the run in {launch} ended {run['status']}")
-    return {k: run["metrics"][k] for k in FIGURES if k in run["metrics"]}
+    return {k: run["metrics"][RECORDED[k]] for k in FIGURES if RECORDED[k] in run["metrics"]}
 
 
 def main() -> int:

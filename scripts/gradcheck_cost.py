@@ -42,8 +42,8 @@ def one_run(experiment: str, checks: bool, extra: list[str]) -> dict[str, float]
         (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
         return {"process_s": process_s,
                 "run_s": (run.info.end_time - run.info.start_time) / 1e3,
-                "wall_s": run.data.metrics["wall_s"],
-                "gradcheck_s": run.data.metrics.get("gradcheck_s", 0.0)}
+                "wall_s": run.data.metrics["time/wall_s"],
+                "gradcheck_s": run.data.metrics.get("time/gradcheck_s", 0.0)}
 
 
 def main(argv: list[str] | None = None) -> int:

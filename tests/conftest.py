@@ -119,6 +119,7 @@ class RecordingTracker:
     def __init__(self):
         self.log_s = 0.0
         self.tags: dict[str, str] = {}
+        self.params: dict[str, str] = {}
         self.points: list[tuple[str, float, int]] = []
         self.artifacts: list[tuple[str, str | None]] = []
         self.models: list[tuple[dict, str | None]] = []  # (bundle's meta, registered name)
@@ -137,6 +138,9 @@ class RecordingTracker:
 
     def set_tags(self, tags):
         self.tags.update(tags)
+
+    def log_params(self, params):
+        self.params.update({k: str(v) for k, v in params.items()})
 
     def log_metrics(self, points):
         points = list(points)

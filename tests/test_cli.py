@@ -107,7 +107,8 @@ def wait_for_training(proc: subprocess.Popen, log: Path, launch: Path,
         assert proc.poll() is None, f"CLI exited early ({proc.returncode}):\n{log.read_text()}"
         assert time.monotonic() < deadline, f"no train_loss points:\n{log.read_text()}"
         run = client.get_run(run_id)
-        if run.info.status == "RUNNING" and len(client.get_metric_history(run_id, "train_loss")) >= 2:
+        points = client.get_metric_history(run_id, "curves/train_loss")
+        if run.info.status == "RUNNING" and len(points) >= 2:
             return client, run_id
         time.sleep(0.3)
 
@@ -148,25 +149,25 @@ def test_basic_run_finishes_with_full_record(basic_run):
     assert int(tags["pid"]) > 0
 
     metrics = run.data.metrics
-    for key in ("test_rmse", "baseline_test_rmse", "compile_s", "steps_per_s", "samples_per_s",
-                "wall_s", "log_s"):
+    for key in ("test/rmse", "test/baseline_rmse", "time/compile_s", "time/steps_per_s",
+                "time/samples_per_s", "time/wall_s", "time/log_s"):
         assert key in metrics, f"metric {key} missing: {sorted(metrics)}"
         assert math.isfinite(metrics[key]), (key, metrics[key])
-    assert metrics["steps_per_s"] > 0 and metrics["samples_per_s"] > metrics["steps_per_s"]
-    assert 0 < metrics["compile_s"] < metrics["wall_s"]
-    assert 0 <= metrics["log_s"] < metrics["wall_s"]
+    t = {k.removeprefix("time/"): v for k, v in metrics.items() if k.startswith("time/")}
+    assert t["steps_per_s"] > 0 and t["samples_per_s"] > t["steps_per_s"]
+    assert 0 < t["compile_s"] < t["wall_s"]
+    assert 0 <= t["log_s"] < t["wall_s"]
     # phase timings, the compile counter and XLA's figures for one step
-    for key in ("trace_lower_s", "first_call_s", "step_s", "step_p90_s", "flops_per_step",
-                "flops_per_s", "argument_bytes", "temp_bytes", "gradcheck_s"):
+    for key in ("time/trace_lower_s", "time/first_call_s", "time/step_s", "time/step_p90_s",
+                "xla/flops_per_step", "xla/flops_per_s", "xla/argument_bytes", "xla/temp_bytes",
+                "time/gradcheck_s"):
         assert metrics.get(key, 0) > 0, (key, sorted(metrics))
-    assert metrics["num_compiles"] == 1
+    assert metrics["xla/num_compiles"] == 1
     # the default gradient checks: before training and after the last step, all passed
     assert tags["gradcheck"] == "passed"
-    for key in ("gradcheck/input_layer/kernel/rel_err", "gradcheck/max_rel_err",
-                "gradcheck/jvp_vjp_rel_err"):
-        points = history(client, run.info.run_id, key)
-        assert [p.step for p in points] == [0, 40], key
-        assert all(p.value <= 1e-8 for p in points), (key, points)
+    points = history(client, run.info.run_id, "gradcheck/max_rel_err")
+    assert [p.step for p in points] == [0, 40]
+    assert all(p.value <= 1e-8 for p in points), points
 
     artifacts = {a.path: a for a in client.list_artifacts(run.info.run_id)}
     for name in ("config.yaml", "overrides.yaml", "training_curves.png", "gradcheck.json",
@@ -179,6 +180,49 @@ def test_basic_run_finishes_with_full_record(basic_run):
     assert run.info.run_id in out
     assert default_uri(launch) in out
     assert "gradient checks: passed" in out and "FLOPs/step" in out
+
+
+def test_metric_names_group_the_record(basic_run, tmp_path):
+    """Issue 11: what MLflow's chart view shows. Every metric has a section prefix (the
+    unprefixed "Model metrics" section comes after all prefixed ones), and the curves'
+    prefix sorts first; each test metric sits beside its linear baseline's; results are
+    single points at step 0 (a bar per run); the gradient checks keep only the worst
+    error, per check, the per-tensor errors are in gradcheck.json; the run's constants
+    are params."""
+    import json
+
+    _, _, client, run = basic_run
+    run_id, metrics = run.info.run_id, run.data.metrics
+    sections = {k.split("/")[0] for k in metrics}
+    assert all("/" in k for k in metrics), sorted(metrics)
+    assert sections == {"curves", "gradcheck", "test", "time", "train", "xla"}, sections
+    assert min(sections) == "curves"
+    curves = {"curves/train_loss", "curves/val_loss", "curves/grad_norm", "curves/learning_rate"}
+    assert curves <= set(metrics)
+    for key in curves:
+        assert len(history(client, run_id, key)) >= 2, key  # drawn as a line
+    tests = {k.removeprefix("test/") for k in metrics if k.startswith("test/")}
+    assert tests == {"rmse", "mae", "r2", "baseline_rmse", "baseline_mae", "baseline_r2"}
+    for key in metrics:
+        if not key.startswith(("curves/", "gradcheck/")):
+            assert [p.step for p in history(client, run_id, key)] == [0], key
+    # the constants of the run: params, not metrics
+    for key in ("num_params", "batch_size", "members", "devices"):
+        assert not [k for k in metrics if k.split("/")[-1] == key], key
+    assert run.data.params["derived.num_params"] == "97"  # 10 features -> 8 tanh -> 1
+    assert run.data.params["derived.batch_size"] == run.data.params["data.batch_size"] == "32"
+    # gradient checks: one metric, the worst error of each check, equal to gradcheck.json's
+    assert [k for k in metrics if k.startswith("gradcheck/")] == ["gradcheck/max_rel_err"]
+    worst = history(client, run_id, "gradcheck/max_rel_err")
+    path = client.download_artifacts(run_id, "gradcheck.json", str(tmp_path))
+    reports = json.loads(Path(path).read_text())
+    assert [r["step"] for r in reports] == [p.step for p in worst] == [0, 40]
+    for report, point in zip(reports, worst):
+        errors = {t["name"]: max(t["rel_err"], t["directional_rel_err"])
+                  for t in report["tensors"]}
+        assert set(errors) == {"input_layer/bias", "input_layer/kernel", "output_layer/bias",
+                               "output_layer/kernel"}
+        assert point.value == report["max_rel_err"] == max(errors.values())
 
 
 def test_worked_examples_job(run_cli, tmp_path):
@@ -257,7 +301,7 @@ def test_single_target_regression_finishes(basic_run):
     _, _, _, run = basic_run
     assert run.data.tags["task"] == "regression"
     assert run.info.status == "FINISHED"
-    rmse = run.data.metrics["test_rmse"]
+    rmse = run.data.metrics["test/rmse"]
     assert math.isfinite(rmse) and 0 < rmse < 1e3  # diabetes targets lie in 25..346
 
 
@@ -274,20 +318,20 @@ def test_every_step_logged_with_integer_steps(run_cli, tmp_path):
     (run,) = all_runs(client)
     assert run.info.status == "FINISHED"
     run_id = run.info.run_id
-    for key in ("train_loss", "grad_norm", "learning_rate"):
+    for key in ("curves/train_loss", "curves/grad_norm", "curves/learning_rate"):
         points = history(client, run_id, key)
         steps = [p.step for p in points]
         assert steps == list(range(num_steps)), f"{key}: {len(steps)} points"
         assert all(type(s) is int for s in steps)
         assert all(math.isfinite(p.value) for p in points)
-    rates = [p.value for p in history(client, run_id, "learning_rate")]
+    rates = [p.value for p in history(client, run_id, "curves/learning_rate")]
     assert rates == pytest.approx([0.01] * num_steps)  # a float32 on the device
     # Validation runs after every eval_every-th step (20 in smoke.yaml), logged at the step
     # it follows: 19, 39, ..., 499.
-    val_steps = [p.step for p in history(client, run_id, "val_loss")]
+    val_steps = [p.step for p in history(client, run_id, "curves/val_loss")]
     assert val_steps == list(range(19, num_steps, 20))
-    assert "log_s" in run.data.metrics and run.data.metrics["log_s"] >= 0
-    assert run.data.metrics["log_s"] < run.data.metrics["wall_s"]
+    assert "time/log_s" in run.data.metrics and run.data.metrics["time/log_s"] >= 0
+    assert run.data.metrics["time/log_s"] < run.data.metrics["time/wall_s"]
 
 
 # --- where the store is -----------------------------------------------------------------------
@@ -363,8 +407,8 @@ def test_parallel_jobs_on_new_store(tmp_path):
     expected = list(range(0, SMOKE_STEPS, log_every))
     for run in runs:
         assert run.info.status == "FINISHED"
-        assert [p.step for p in history(client, run.info.run_id, "train_loss")] == expected
-        assert "test_rmse" in run.data.metrics
+        assert [p.step for p in history(client, run.info.run_id, "curves/train_loss")] == expected
+        assert "test/rmse" in run.data.metrics
 
 
 # --- multirun ---------------------------------------------------------------------------------
@@ -411,7 +455,7 @@ def test_multirun_continues_after_failed_job(run_cli, tmp_path, sweeper):
     assert by_lr[1e6].info.status == "FAILED"
     assert by_lr[0.01].info.status == "FINISHED"
     assert all(r.info.end_time for r in runs)
-    assert "test_rmse" in by_lr[0.01].data.metrics
+    assert "test/rmse" in by_lr[0.01].data.metrics
 
 
 # --- divergence -------------------------------------------------------------------------------
@@ -438,7 +482,7 @@ def test_divergence_stops_and_fails(tmp_path):
     assert f"step {step}" in err
     assert "learning_rate" in err and "smaller" in err
     assert run.info.run_id in err
-    steps = [p.step for p in history(client, run.info.run_id, "train_loss")]
+    steps = [p.step for p in history(client, run.info.run_id, "curves/train_loss")]
     assert steps == list(range(step)), "the points before the divergence must be kept"
     assert_no_huge_values(client, run)
 
@@ -462,7 +506,7 @@ def test_signal_marks_run_killed(tmp_path, sig, code):
     proc = start_cli(SMOKE, *LONG_RUN, cwd=tmp_path, log=log)
     try:
         client, run_id = wait_for_training(proc, log, tmp_path)
-        before = len(client.get_metric_history(run_id, "train_loss"))
+        before = len(client.get_metric_history(run_id, "curves/train_loss"))
         proc.send_signal(sig)
         returncode = proc.wait(timeout=60)
     finally:
@@ -474,8 +518,8 @@ def test_signal_marks_run_killed(tmp_path, sig, code):
     run = client.get_run(run_id)
     assert run.info.status == "KILLED", output
     assert run.info.end_time is not None and run.info.end_time >= run.info.start_time
-    assert len(client.get_metric_history(run_id, "train_loss")) >= before
-    assert "test_rmse" not in run.data.metrics
+    assert len(client.get_metric_history(run_id, "curves/train_loss")) >= before
+    assert "test/rmse" not in run.data.metrics
 
 
 def test_killed_process_run_is_closed_by_next_job(tmp_path):

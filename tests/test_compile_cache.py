@@ -21,7 +21,7 @@ def _run(run_cli, cwd: Path, cache: Path, *extra: str):
     assert done.returncode == 0, done.stderr
     (run,) = all_runs(store_client(cwd))
     client = store_client(cwd)
-    curve = metric_history(client, run.info.run_id, "train_loss")
+    curve = metric_history(client, run.info.run_id, "curves/train_loss")
     return done, run, curve
 
 
@@ -30,17 +30,18 @@ def test_second_run_hits_the_cache_and_gets_the_same_bits(run_cli, tmp_path):
     _, cold, cold_curve = _run(run_cli, tmp_path / "a", cache)
     _, warm, warm_curve = _run(run_cli, tmp_path / "b", cache)
     c, w = cold.data.metrics, warm.data.metrics
-    assert c["compile_cache_hits"] == 0 and c["compile_cache_misses"] > 0
-    assert w["compile_cache_misses"] == 0 and w["compile_cache_hits"] == c["compile_cache_misses"]
+    assert c["xla/compile_cache_hits"] == 0 and c["xla/compile_cache_misses"] > 0
+    assert w["xla/compile_cache_misses"] == 0
+    assert w["xla/compile_cache_hits"] == c["xla/compile_cache_misses"]
     assert any(cache.iterdir())
     assert warm.data.tags["compile_cache"] == str(cache)
     # a hit runs the executable the compiler made: the same bits, not merely close
     assert warm_curve == cold_curve and len(cold_curve[0]) >= 3
-    for key in ("test_rmse", "test_mae", "val_loss"):
+    for key in ("test/rmse", "test/mae", "curves/val_loss"):
         assert w[key] == c[key]
-    assert w["compile_s"] < c["compile_s"]
+    assert w["time/compile_s"] < c["time/compile_s"]
     for m in (c, w):  # process start to the first step: more than the compile, less than all
-        assert m["compile_s"] < m["startup_s"] < m["startup_s"] + m["train_s"]
+        assert m["time/compile_s"] < m["time/startup_s"] < m["time/startup_s"] + m["time/train_s"]
     # every entry corrupted: JAX warns, compiles again, and the run is the same
     entries = [p for p in cache.rglob("*") if p.is_file() and not p.name.startswith(".")]
     assert entries
@@ -49,7 +50,7 @@ def test_second_run_hits_the_cache_and_gets_the_same_bits(run_cli, tmp_path):
     done, broken, broken_curve = _run(run_cli, tmp_path / "c", cache)
     assert broken.info.status == "FINISHED"
     assert broken_curve == cold_curve
-    assert broken.data.metrics["test_rmse"] == c["test_rmse"]
+    assert broken.data.metrics["test/rmse"] == c["test/rmse"]
     assert "persistent compilation cache" in done.stderr
 
 
@@ -61,7 +62,7 @@ def test_unwritable_cache_folder_warns_and_the_run_finishes(run_cli, tmp_path):
     assert str(blocker / "jax") in done.stderr and "trainer.compilation_cache_dir" in done.stderr
     assert run.info.status == "FINISHED" and len(curve[0]) >= 3
     assert run.data.tags["compile_cache"].startswith("cannot write the cache folder")
-    assert run.data.metrics["compile_cache_hits"] == 0
+    assert run.data.metrics["xla/compile_cache_hits"] == 0
 
 
 def test_cache_off(run_cli, tmp_path):

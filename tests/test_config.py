@@ -285,9 +285,9 @@ def test_seed_experiment_logs_the_notebooks_values_at_step_0():
     c = dataclasses.replace(c, trainer=dataclasses.replace(c.trainer, progress=False))
     tracker = RecordingTracker()
     result = train_and_evaluate(c, load_dataset(c.data, seed=c.seed), tracker)
-    (step0_loss,) = [v for s, v in tracker.history("train_loss") if s == 0]
-    (step0_norm,) = [v for s, v in tracker.history("grad_norm") if s == 0]
+    (step0_loss,) = [v for s, v in tracker.history("curves/train_loss") if s == 0]
+    (step0_norm,) = [v for s, v in tracker.history("curves/grad_norm") if s == 0]
     assert abs(step0_loss - 1.0354788) / 1.0354788 < 5e-7
     assert abs(step0_norm - 0.6549523) / 0.6549523 < 5e-7
     assert result.num_params == 100 * 100
-    assert tracker.history("train_loss")[-1][1] < 0.9 * step0_loss
+    assert tracker.history("curves/train_loss")[-1][1] < 0.9 * step0_loss

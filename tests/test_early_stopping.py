@@ -62,8 +62,8 @@ def test_a_member_whose_validation_loss_rises_stops_while_the_other_trains_on(sp
     # the slow member: trained to the end, never stopped, its best is its last evaluation
     assert slow.early_stopped_at_step is None and slow.failed_step is None
     assert "early_stopped_at_step" not in trackers[0].tags
-    assert trackers[0].history("val_loss")[-1][0] == num_steps - 1
-    assert trackers[0].history("train_loss")[-1][0] == num_steps - EVERY
+    assert trackers[0].history("curves/val_loss")[-1][0] == num_steps - 1
+    assert trackers[0].history("curves/train_loss")[-1][0] == num_steps - EVERY
     assert slow.best_step == num_steps - 1
 
     # the fast member: stopped early, a success with the record of its best step
@@ -73,14 +73,15 @@ def test_a_member_whose_validation_loss_rises_stops_while_the_other_trains_on(sp
     assert "diverged_at_step" not in trackers[1].tags
     assert best < stop < num_steps - 1
     assert stop == best + patience * EVERY  # min_delta 0: every later evaluation was worse
-    val = trackers[1].history("val_loss")
+    val = trackers[1].history("curves/val_loss")
     assert val[-1][0] == stop  # the curves show every step trained, and none after
-    assert max(s for s, _ in trackers[1].history("train_loss")) <= stop
+    assert max(s for s, _ in trackers[1].history("curves/train_loss")) <= stop
     assert min(val, key=lambda p: p[1]) == (best, fast.best_val_loss)
     assert all(v > fast.best_val_loss for s, v in val if s > best)
     for tracker, result in zip(trackers, (slow, fast)):
-        assert tracker.history("best_step") == [(num_steps, result.best_step)]
-        assert tracker.history("best_val_loss") == [(num_steps, result.best_val_loss)]
+        # results, at step 0 (see trainer/names.py)
+        assert tracker.history("train/best_step") == [(0, result.best_step)]
+        assert tracker.history("train/best_val_loss") == [(0, result.best_val_loss)]
         assert ("final_params", "final_params") in tracker.artifacts
 
     # the fast member ends with the params of its best step: those of a 40-step run
@@ -91,7 +92,7 @@ def test_a_member_whose_validation_loss_rises_stops_while_the_other_trains_on(sp
     for a, b in zip(leaves(fast.params), leaves(straight.params)):
         np.testing.assert_array_equal(a, b)
     assert fast.test_metrics == straight.test_metrics
-    assert straight_trackers[1].history("val_loss")[-1] == (best, fast.best_val_loss)
+    assert straight_trackers[1].history("curves/val_loss")[-1] == (best, fast.best_val_loss)
 
 
 def test_patience_off_changes_nothing(split):

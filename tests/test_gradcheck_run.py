@@ -53,24 +53,30 @@ half_gradient_mse.defvjp(_fwd, _bwd)
 
 
 def test_default_checks_run_before_and_after_training_and_are_logged(diabetes, tmp_path):
-    """Default: a check at step 0 and after the last step; per-tensor relative errors,
-    the worst one and jvp-vs-vjp as metrics at those steps; tag gradcheck=passed; the
-    reports as gradcheck.json and gradcheck.png; all in float64 (C12) and passing."""
+    """Default: a check at step 0 and after the last step; the worst relative error as
+    the run's one gradient-check metric at those steps, the per-tensor errors and
+    jvp-vs-vjp in the reports gradcheck.json and gradcheck.png; tag gradcheck=passed;
+    all in float64 (C12) and passing."""
     tracker = RecordingTracker()
     result = train_and_evaluate(config(), diabetes, tracker, workdir=tmp_path)
     tensors = ["input_layer/bias", "input_layer/kernel", "output_layer/bias",
                "output_layer/kernel"]
-    for name in [f"gradcheck/{t}/rel_err" for t in tensors] + [
-            "gradcheck/max_rel_err", "gradcheck/jvp_vjp_rel_err"]:
-        points = tracker.history(name)
-        assert [s for s, _ in points] == [0, 200], name
-        assert all(0 <= v <= 1e-8 for _, v in points), (name, points)
+    worst = tracker.history("gradcheck/max_rel_err")
+    assert [s for s, _ in worst] == [0, 200]
+    assert all(0 <= v <= 1e-8 for _, v in worst), worst
+    assert {n for n, _, _ in tracker.points if n.startswith("gradcheck/")} == {
+        "gradcheck/max_rel_err"}
     assert tracker.tags["gradcheck"] == "passed" and result.gradcheck_passed is True
     assert {"gradcheck.json", "gradcheck.png"} <= {n for n, _ in tracker.artifacts}
     saved = json.loads((tmp_path / "gradcheck.json").read_text())
     assert [r["step"] for r in saved] == [0, 200]
     assert all(r["dtype"] == "float64" for r in saved)
     assert [t["name"] for t in saved[0]["tensors"]] == tensors
+    for report, (step, value) in zip(saved, worst):  # the metric is each report's worst
+        assert value == report["max_rel_err"] == max(
+            max(t["rel_err"], t["directional_rel_err"]) for t in report["tensors"])
+        assert all(t["rel_err"] <= 1e-8 for t in report["tensors"])
+        assert 0 <= report["jvp_vjp_rel_err"] <= 1e-8
     assert result.timings["gradcheck_s"] > 0
     assert jnp.zeros(1).dtype == jnp.float32  # x64 is off again for everything else
 
@@ -102,16 +108,18 @@ def test_checks_leave_the_training_unchanged(diabetes):
 
 
 def test_tied_model_logs_the_inner_and_outer_terms(diabetes):
-    """C15 in a run: the tied model's checks log both terms of dL/dΘ and their cosine;
-    their sum equals autodiff (the check passes)."""
+    """C15 in a run: the tied model's checks report both terms of dL/dΘ and their cosine
+    (in gradcheck.json and its plot, not as metrics); their sum equals autodiff (the
+    check passes)."""
     cfg = config(model=TiedModelConfig(width=8))
     tracker = RecordingTracker()
     result = train_and_evaluate(cfg, diabetes, tracker)
-    inner = tracker.history("gradcheck/theta_inner_norm")
-    outer = tracker.history("gradcheck/theta_outer_norm")
-    cos = tracker.history("gradcheck/theta_inner_outer_cos")
-    assert [s for s, _ in inner] == [s for s, _ in outer] == [s for s, _ in cos] == [0, 200]
-    assert all(v > 0 for _, v in inner + outer) and all(-1 <= v <= 1 for _, v in cos)
+    assert not tracker.history("gradcheck/theta_inner_norm")
+    assert [s for s, _ in result.gradcheck] == [0, 200]
+    for _, report in result.gradcheck:
+        tied = report.figures()
+        assert tied["gradcheck/theta_inner_norm"] > 0 and tied["gradcheck/theta_outer_norm"] > 0
+        assert -1 <= tied["gradcheck/theta_inner_outer_cos"] <= 1
     assert result.gradcheck_passed is True
     (_, first), = [r for r in result.gradcheck if r[0] == 0]
     assert first.tied.rel_err < 1e-10
@@ -133,8 +141,8 @@ def test_a_broken_gradient_marks_the_run_and_says_so(diabetes, capsys):
     # a custom_vjp has no forward mode: that one check is skipped, and the report says so
     (_, first), = [r for r in result.gradcheck if r[0] == 0]
     assert first.jvp_vjp_rel_err is None and "custom_vjp" in first.notes[0]
-    assert not tracker.history("gradcheck/jvp_vjp_rel_err")
-    assert result.num_steps == 200 and tracker.history("test_rmse")
+    assert "gradcheck/jvp_vjp_rel_err" not in first.figures()
+    assert result.num_steps == 200 and tracker.history("test/rmse")
 
 
 def test_fail_run_stops_a_run_with_a_broken_gradient(diabetes):
@@ -147,7 +155,7 @@ def test_fail_run_stops_a_run_with_a_broken_gradient(diabetes):
     assert err.value.step == 0
     assert tracker.tags["gradcheck"] == "failed"
     assert tracker.history("gradcheck/max_rel_err")[0][1] > 0.3
-    assert not tracker.history("train_loss")  # stopped before any step ran
+    assert not tracker.history("curves/train_loss")  # stopped before any step ran
 
 
 def test_probe_batch_is_the_first_training_rows(diabetes):

@@ -112,9 +112,14 @@ def test_a_run_records_phase_timings_compiles_flops_and_bytes(diabetes):
     assert m["argument_bytes"] >= 4 * (3 * num_params + batch * (diabetes.in_features + 1))
     assert m["temp_bytes"] > 0
     assert ("peak_bytes" in m) == (jax.default_backend() == "gpu")
-    logged = {name for name, _, step in tracker.points if step == 400}
-    assert {"compile_s", "trace_lower_s", "step_p90_s", "flops_per_step", "flops_per_s",
-            "num_compiles", "temp_bytes"} <= logged
+    # the run's results, at step 0 (a bar per run in MLflow's charts; see trainer/names.py)
+    logged = {name for name, _, step in tracker.points if step == 0}
+    assert {"time/compile_s", "time/trace_lower_s", "time/step_p90_s", "xla/flops_per_step",
+            "xla/flops_per_s", "xla/num_compiles", "xla/temp_bytes"} <= logged
+    assert not {n for n, _, _ in tracker.points if not n.startswith(("curves/", "test/", "time/",
+                                                                      "train/", "xla/"))}
+    assert tracker.params == {"derived.num_params": str(num_params),
+                              "derived.batch_size": str(batch)}
     assert result.gradcheck_passed is None and "gradcheck" not in tracker.tags
 
 

@@ -25,7 +25,7 @@ from flax import nnx
 
 from conftest import cli_env, store_client
 from trainer import mlflow_model
-from trainer.config import TabularDataConfig as DataConfig
+from trainer.config import TabularDataConfig
 from trainer.data import load_dataset
 from trainer.models import ModelSpec, init_model
 from trainer.tracking import run_op
@@ -55,7 +55,7 @@ def test_logged_model_takes_raw_rows_and_answers_in_target_units(tmp_path):
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
 
-    dataset = load_dataset(DataConfig(kind="diabetes"), seed=3)
+    dataset = load_dataset(TabularDataConfig(kind="diabetes"), seed=3)
     spec, graphdef, params = _net(dataset)
     client, run_id = _store(tmp_path)
     bundle = mlflow_model.write_bundle(tmp_path / "net.npz", params=params, spec=spec,
@@ -95,7 +95,7 @@ def test_logged_model_takes_raw_rows_and_answers_in_target_units(tmp_path):
 def test_classification_model_gives_labels_and_probabilities(tmp_path):
     import mlflow
 
-    dataset = load_dataset(DataConfig(kind="digits"), seed=0)
+    dataset = load_dataset(TabularDataConfig(kind="digits"), seed=0)
     spec, graphdef, params = _net(dataset, hidden=(16,))
     client, run_id = _store(tmp_path)
     bundle = mlflow_model.write_bundle(tmp_path / "net.npz", params=params, spec=spec,
@@ -115,7 +115,7 @@ def test_classification_model_gives_labels_and_probabilities(tmp_path):
 
 
 def test_datasets_are_logged_as_run_inputs(tmp_path):
-    dataset = load_dataset(DataConfig(kind="diabetes"), seed=0)
+    dataset = load_dataset(TabularDataConfig(kind="diabetes"), seed=0)
     client, run_id = _store(tmp_path)
     run_op(client, "log_datasets", run_id, mlflow_model.dataset_inputs(dataset))
     inputs = client.get_run(run_id).inputs.dataset_inputs
@@ -158,14 +158,14 @@ def test_c22_served_model_answers_offline_in_target_units(run_cli, tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
     uri = run.data.tags["model_uri"]
     # the model reproduces the run's test predictions: its RMSE is the logged one
-    dataset = load_dataset(DataConfig(kind="diabetes", val_fraction=0.15, test_fraction=0.15),
+    dataset = load_dataset(TabularDataConfig(kind="diabetes", val_fraction=0.15, test_fraction=0.15),
                            seed=0)
     rows = pd.DataFrame(_raw(dataset, dataset.x_test), columns=dataset.feature_names)
     with mlflow_model._fluent_store(client.tracking_uri):
         predicted = mlflow.pyfunc.load_model(uri).predict(rows)["progression"].to_numpy()
     truth = dataset.to_original_units(dataset.y_test)[:, 0]
     rmse = float(np.sqrt(np.mean((predicted - truth) ** 2)))
-    assert rmse == pytest.approx(run.data.metrics["test_rmse"], rel=1e-5)
+    assert rmse == pytest.approx(run.data.metrics["test/rmse"], rel=1e-5)
     assert client.get_model_version("smoke-net", "1").run_id == run.info.run_id
 
     # served from a plain shell: no virtualenv on PATH, no MLFLOW_TRACKING_URI

@@ -61,7 +61,8 @@ def test_a_member_equals_its_lone_run(splits):
     for m, result, tracker in zip(members, results, trackers):
         lone_tracker = RecordingTracker()
         lone = train_and_evaluate(m, splits[m.seed], lone_tracker)
-        for name in ("train_loss", "val_loss", "learning_rate", "grad_norm"):
+        for name in ("curves/train_loss", "curves/val_loss", "curves/learning_rate",
+                     "curves/grad_norm"):
             got, want = tracker.history(name), lone_tracker.history(name)
             assert [s for s, _ in got] == [s for s, _ in want], name
             np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-5,
@@ -86,7 +87,7 @@ def test_a_diverging_member_fails_alone(splits):
     assert bad.failed_step is not None and bad.failed_step < 200 and not bad.test_metrics
     assert trackers[1].tags["diverged_at_step"] == str(bad.failed_step)
     assert all(s < bad.failed_step for _, _, s in trackers[1].points
-               if _ in ("train_loss", "val_loss"))
+               if _ in ("curves/train_loss", "curves/val_loss"))
     assert all(np.isfinite(v) for _, v, _ in trackers[1].points)
     lone = train_and_evaluate(members[0], splits[0], RecordingTracker())
     assert good.test_metrics["rmse"] == pytest.approx(lone.test_metrics["rmse"], rel=1e-5)
@@ -103,7 +104,7 @@ def test_c17_one_compilation_for_eight_points_each_with_its_own_schedule(splits)
     assert {r.compute["num_compiles"] for r in results} == {1}
     schedule = make_schedule(base.optim, base.trainer.num_steps)
     for m, tracker in zip(members, trackers):
-        logged = tracker.history("learning_rate")
+        logged = tracker.history("curves/learning_rate")
         assert len(logged) == 20
         want = [float(schedule(m.optim.learning_rate, 0.0)(s)) for s, _ in logged]
         np.testing.assert_allclose([v for _, v in logged], want, rtol=1e-5)  # float32 cosine
@@ -215,26 +216,29 @@ def test_c16_sweep_is_one_parent_with_a_child_per_seed(tmp_path):
     assert sorted(r.data.params["seed"] for r in children) == ["0", "1", "2", "3"]
     assert all(r.info.status == "FINISHED" for r in children + [parent, lone])
     for child in children:  # what a lone run holds
-        assert {"test_rmse", "baseline_test_rmse", "val_loss", "train_loss",
-                "num_compiles"} <= set(child.data.metrics)
-        assert child.data.metrics["num_compiles"] == 1
+        assert {"test/rmse", "test/baseline_rmse", "curves/val_loss", "curves/train_loss",
+                "xla/num_compiles"} <= set(child.data.metrics)
+        assert child.data.metrics["xla/num_compiles"] == 1
+        assert child.data.tags["population.size"] == "4"
         assert child.data.tags["sweep_id"] == parent.data.tags["sweep_id"]
         names = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"config.yaml", "training_curves.png", "final_params"} <= names
     (seed2,) = [r for r in children if r.data.params["seed"] == "2"]
     assert seed2.data.params == lone.data.params
     assert seed2.data.tags["config_hash"] == lone.data.tags["config_hash"]
-    for key in ("train_loss", "val_loss"):
+    for key in ("curves/train_loss", "curves/val_loss"):
         got, want = history(client, seed2.info.run_id, key), history(client, lone.info.run_id, key)
         assert [s for s, _ in got] == [s for s, _ in want]
         np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-5)
-    best = min(children, key=lambda r: r.data.metrics["val_loss"])
+    best = min(children, key=lambda r: r.data.metrics["curves/val_loss"])
     m = parent.data.metrics
     assert parent.data.tags["best.run_id"] == best.info.run_id
     assert parent.data.params["best.seed"] == best.data.params["seed"]
-    assert m["best/val_loss"] == best.data.metrics["val_loss"]
+    assert m["best/val_loss"] == best.data.metrics["curves/val_loss"]
+    assert m["best/test_rmse"] == best.data.metrics["test/rmse"]
+    assert m["best/test_baseline_rmse"] == best.data.metrics["test/baseline_rmse"]
     assert m["members"] == 4 and m["failed_members"] == 0 and m["groups"] == 1
-    finals = [r.data.metrics["test_rmse"] for r in children]
+    finals = [r.data.metrics["test/rmse"] for r in children]
     assert m["final/test_rmse/min"] == min(finals) and m["final/test_rmse/max"] == max(finals)
     assert m["final/test_rmse/median"] == pytest.approx(float(np.median(finals)))
     names = {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -249,7 +253,7 @@ def test_c16_sweep_is_one_parent_with_a_child_per_seed(tmp_path):
     assert client.get_model_version("smoke-best", "2").run_id == lone.info.run_id
     for child in children:
         assert child.info.run_name.startswith(f"seed{child.data.params['seed']}-smoke-")
-        rmse = child.data.metrics["test_rmse"]
+        rmse = child.data.metrics["test/rmse"]
         assert child.data.tags["mlflow.note.content"].startswith(f"test RMSE {rmse:.4g} vs ")
     assert lone.info.run_name.startswith("seed2-smoke-")
     assert lone.info.run_name != seed2.info.run_name
@@ -269,7 +273,8 @@ def test_sweep_makes_one_program_per_width(tmp_path):
     by_width = {}
     for r in runs:
         by_width.setdefault(r.data.params["model.hidden"], []).append(r)
-        assert r.data.metrics["num_compiles"] == 1 and r.data.metrics["members"] == 2
+        assert r.data.metrics["xla/num_compiles"] == 1
+        assert r.data.tags["population.size"] == "2"
     assert sorted(by_width) == ["[4]", "[6]"]
     for group in by_width.values():
         assert sorted(r.data.params["optim.learning_rate"] for r in group) == ["0.01", "0.02"]

@@ -22,8 +22,12 @@ from trainer.config import (AdamOptimConfig, Config, GradcheckConfig, MlpModelCo
                             TabularDataConfig, TrainerConfig)
 from trainer.data import load_dataset
 from trainer.loop import build_run, run_chunks, train_population
+from trainer.names import CURVES  # the loop's name of each curve -> the record's
 
-CURVES = ("train_loss", "grad_norm", "learning_rate", "val_loss")
+
+def curve(tracker, name: str) -> list:
+    """The points of the loop's curve ``name`` that ``tracker`` received, under its record name."""
+    return tracker.history(CURVES[name])
 
 
 def adam_cosine(num_steps: int = 40) -> Config:
@@ -57,7 +61,7 @@ class StoppingTracker(RecordingTracker):
 
 
 def curves(tracker) -> dict[str, list]:
-    return {name: tracker.history(name) for name in CURVES}
+    return {name: curve(tracker, name) for name in CURVES}
 
 
 def as_history(tracker) -> dict:
@@ -88,21 +92,21 @@ def test_C21_stopped_and_resumed_equals_straight(split, tmp_path, members):
         train_population(configs, data, stopped, checkpoint=plan(tmp_path / "stopped"))
     with Checkpoints(tmp_path / "stopped") as checkpoints:
         assert checkpoints.steps() == [20]
-    assert max(s for s, _ in stopped[0].history("train_loss")) == 19
+    assert max(s for s, _ in stopped[0].history("curves/train_loss")) == 19
 
     resumed = [RecordingTracker() for _ in configs]
     got = train_population(configs, data, resumed, checkpoint=plan(tmp_path / "stopped", True),
                            histories=[as_history(t) for t in stopped])
     for m in range(members):
         for name in CURVES:
-            first = stopped[m].history(name)
-            joined = [p for p in first if p[0] < 20] + resumed[m].history(name)
+            first, again = curve(stopped[m], name), curve(resumed[m], name)
+            joined = [p for p in first if p[0] < 20] + again
             if m == 0:  # the stopped member logged nothing of the third chunk
-                assert resumed[m].history(name)[0][0] == (29 if name == "val_loss" else 20)
+                assert again[0][0] == (29 if name == "val_loss" else 20)
             else:  # the others had logged it: not again
-                assert all(s > max(s0 for s0, _ in first) for s, _ in resumed[m].history(name))
-                joined = first + resumed[m].history(name)
-            assert joined == straight[m].history(name), (m, name)
+                assert all(s > max(s0 for s0, _ in first) for s, _ in again)
+                joined = first + again
+            assert joined == curve(straight[m], name), (m, name)
         for a, b in zip(jax.tree.leaves(got[m].params), jax.tree.leaves(want[m].params)):
             np.testing.assert_array_equal(a, b)
         assert got[m].test_metrics == want[m].test_metrics
@@ -166,10 +170,10 @@ RESUMABLE = (SMOKE, f"trainer.num_steps={NUM_STEPS}", "trainer.steps_per_call=50
 
 def assert_curves_whole(client, run_id: str, num_steps: int, every: int) -> None:
     """Every logged step from 0 to the end exactly once, in every curve."""
-    for name in ("train_loss", "grad_norm", "learning_rate"):
+    for name in ("curves/train_loss", "curves/grad_norm", "curves/learning_rate"):
         steps = [p.step for p in history(client, run_id, name)]
         assert steps == list(range(0, num_steps, every)), name
-    val = [p.step for p in history(client, run_id, "val_loss")]
+    val = [p.step for p in history(client, run_id, "curves/val_loss")]
     assert val == list(range(every - 1, num_steps, every)), "val_loss"
 
 
@@ -181,7 +185,7 @@ def wait_for_points(proc, log: Path, client, run_id: str, more_than: int,
         assert proc.poll() is None, f"CLI exited early ({proc.returncode}):\n{log.read_text()}"
         assert time.monotonic() < deadline, f"no new points:\n{log.read_text()}"
         if (client.get_run(run_id).info.status == "RUNNING"
-                and len(client.get_metric_history(run_id, "train_loss")) > more_than):
+                and len(client.get_metric_history(run_id, "curves/train_loss")) > more_than):
             return
         time.sleep(0.3)
 
@@ -221,7 +225,7 @@ def test_C21_killed_and_stopped_run_resumes_into_the_same_run(tmp_path):
     assert client.get_run(run_id).data.tags["checkpoint.dir"] == str(folder)
     with Checkpoints(folder) as checkpoints:
         periodic = checkpoints.latest_step()
-    logged = len(client.get_metric_history(run_id, "train_loss"))
+    logged = len(client.get_metric_history(run_id, "curves/train_loss"))
     assert periodic is not None and logged > periodic // 500  # points after the checkpoint
 
     log = tmp_path / "second.log"
@@ -255,7 +259,7 @@ def test_C21_killed_and_stopped_run_resumes_into_the_same_run(tmp_path):
     assert run.data.tags["previous_end.2"].startswith("KILLED received signal SIGTERM")
     assert "error" not in run.data.tags and "killed_reason" not in run.data.tags
     assert_curves_whole(client, run_id, NUM_STEPS, 500)
-    assert "test_rmse" in run.data.metrics
+    assert "test/rmse" in run.data.metrics
 
 
 @pytest.mark.slow
@@ -288,7 +292,7 @@ def test_a_finished_population_is_extended_in_its_own_runs(tmp_path):
     for run in runs:
         assert run.info.status == "FINISHED" and run.data.tags["resume_count"] == "1"
         if run.data.tags["population.role"] == "member":
-            steps = [p.step for p in history(client, run.info.run_id, "train_loss")]
+            steps = [p.step for p in history(client, run.info.run_id, "curves/train_loss")]
             assert steps == list(range(0, 120, 10))
     parent = client.get_run(parent_id)
     assert parent.data.metrics["members"] == 3 and "best/val_loss" in parent.data.metrics
@@ -366,5 +370,5 @@ def test_a_remote_store_keeps_checkpoints_as_artifacts_and_resumes_elsewhere(tmp
     assert f"run {run_id} resumed from step 60 of 80" in out
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["resume_count"] == "1"
-    assert [p.step for p in history(client, run_id, "train_loss")] == list(range(0, 80, 10))
+    assert [p.step for p in history(client, run_id, "curves/train_loss")] == list(range(0, 80, 10))
     assert "checkpoints/80" in [a.path for a in client.list_artifacts(run_id, "checkpoints")]

@@ -186,10 +186,10 @@ def test_training_lowers_the_loss_and_compiles_the_chunk_once(diabetes, caplog):
         result = train_and_evaluate(cfg_for(steps=300), diabetes, tracker)
     compiles = [r for r in caplog.records if "Compiling jit(train_chunk)" in r.getMessage()]
     assert len(compiles) == 1
-    losses = [v for _, v in tracker.history("train_loss")]
+    losses = [v for _, v in tracker.history("curves/train_loss")]
     assert len(losses) == 300
     assert np.mean(losses[-50:]) < 0.7 * np.mean(losses[:10])
-    val = tracker.history("val_loss")
+    val = tracker.history("curves/val_loss")
     assert [s for s, _ in val] == [49, 99, 149, 199, 249, 299]
     assert result.test_metrics["rmse"] > 0 and "rmse" in result.baseline_metrics
     assert {name for name, _ in tracker.artifacts} == {"training_curves.png", "final_params",
@@ -206,7 +206,7 @@ def test_divergence_stops_with_the_step_and_keeps_earlier_points(diabetes):
         train_and_evaluate(cfg, diabetes, tracker)
     bad_step = err.value.step
     assert tracker.tags["diverged_at_step"] == str(bad_step)
-    steps = [s for n, _, s in tracker.points if n == "train_loss"]
+    steps = [s for n, _, s in tracker.points if n == "curves/train_loss"]
     assert steps == list(range(bad_step))
     assert all(np.isfinite(v) for _, v, _ in tracker.points)
 

@@ -63,7 +63,7 @@ def test_cli_process_imports_neither_mlflow_nor_sklearn_on_a_warm_run(tmp_path):
     assert "sklearn" in first_imports      # split and baseline computed, then cached
     assert "sklearn" not in second_imports
     assert any((tmp_path / "data-cache").glob("diabetes-*.npz"))
-    for key in ("test_rmse", "test_mae", "test_r2", "baseline_test_rmse", "baseline_test_r2"):
+    for key in ("test/rmse", "test/mae", "test/r2", "test/baseline_rmse", "test/baseline_r2"):
         assert second.data.metrics[key] == first.data.metrics[key], key
     assert second.data.params == first.data.params
     names = [{a.path for a in store_client(tmp_path / d).list_artifacts(r.info.run_id)}

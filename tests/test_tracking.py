@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from trainer.tracking import (flatten_config, get_or_create_experiment, open_store,
-                              resolve_store, start_run)
+from trainer.tracking import (flatten_config, get_or_create_experiment, metric_histories,
+                              open_store, resolve_store, start_run)
 
 
 def test_default_store_is_absolute_under_launch_dir(tmp_path, monkeypatch):
@@ -41,6 +41,22 @@ def store(tmp_path):
     s = resolve_store(f"sqlite:///{tmp_path}/mlruns/mlflow.db", tmp_path)
     client = open_store(s)
     return s, client, get_or_create_experiment(client, s, "unit")
+
+
+def test_metric_histories_read_the_curves_back_by_the_loops_names(store):
+    """A resume reads a run's curves under the record's names (curves/train_loss) and
+    returns them by the loop's (train_loss); a run recorded before the prefix holds them
+    under the bare names, which are read when the prefixed ones are absent."""
+    _, client, exp = store
+    with start_run(client, exp, run_name="now", tags={}) as tracker:
+        tracker.log_metrics([("curves/train_loss", 1.0, 0), ("curves/train_loss", 0.5, 10),
+                             ("curves/val_loss", 0.7, 9), ("test/rmse", 3.0, 0)])
+    with start_run(client, exp, run_name="before", tags={}) as old:
+        old.log_metrics([("train_loss", 2.0, 0), ("val_loss", 1.5, 9)])
+    assert metric_histories(client, tracker.run_id) == {"train_loss": ([0, 10], [1.0, 0.5]),
+                                                        "val_loss": ([9], [0.7])}
+    assert metric_histories(client, old.run_id) == {"train_loss": ([0], [2.0]),
+                                                    "val_loss": ([9], [1.5])}
 
 
 def test_c06_exception_marks_failed_and_keeps_metrics(store):

@@ -32,9 +32,11 @@ class GradcheckFailedError(RuntimeError):
 class Gradchecker:
     """Runs ``gradcheck.check_gradients`` on a fixed probe batch and records each report.
 
-    Metrics go to the tracker at the step checked; the tag ``gradcheck`` says
-    ``passed`` until a check fails, then ``failed``; a failure prints one line, and
-    raises ``GradcheckFailedError`` when ``fail_run`` is set.
+    The worst error of each check goes to the tracker as the metric
+    ``gradcheck/max_rel_err`` at the step checked; the per-tensor errors go to the
+    artifacts ``gradcheck.json`` and ``gradcheck.png`` (``log_artifacts``). The tag
+    ``gradcheck`` says ``passed`` until a check fails, then ``failed``; a failure prints
+    one line, and raises ``GradcheckFailedError`` when ``fail_run`` is set.
     """
 
     def __init__(self, gcfg, graphdef, loss_fn, dataset: Dataset, tracker, console, *,
@@ -92,7 +94,7 @@ class Gradchecker:
                                     for step, result in self.reports], indent=1))
         self._tracker.log_artifact(path)
         # plain (step, metrics) pairs: what the plot reads, and what pickles to a worker
-        points = [(step, result.metrics()) for step, result in self.reports]
+        points = [(step, result.figures()) for step, result in self.reports]
         renderer.plot(self._tracker, report.plot_gradcheck, points, folder / "gradcheck.png",
                       rel_tol=self._gcfg.rel_tol)
 

@@ -76,6 +76,7 @@ from flax import nnx
 from jax import lax
 
 from .models import TiedTanh
+from .names import GRADCHECK_WORST
 from .steps import mse_loss
 
 __all__ = [
@@ -268,7 +269,14 @@ class GradcheckReport:
         return out
 
     def metrics(self) -> dict[str, float]:
-        """MLflow metrics: ``gradcheck/<tensor>/rel_err``, ``gradcheck/max_rel_err``,
+        """What a run records of this check as metrics: ``gradcheck/max_rel_err``, the worst
+        error (``max_rel_err``), one point per check; the rest are in ``figures``, the run's
+        ``gradcheck.json`` and plot."""
+        return {GRADCHECK_WORST: float(self.max_rel_err)}
+
+    def figures(self) -> dict[str, float]:
+        """Every figure of the check by name, what ``report.plot_gradcheck`` draws:
+        ``gradcheck/<tensor>/rel_err``, ``gradcheck/max_rel_err``,
         ``gradcheck/jvp_vjp_rel_err``, for the tied model ``gradcheck/theta_inner_norm``,
         ``gradcheck/theta_outer_norm``, ``gradcheck/theta_inner_outer_cos``, when run
         ``gradcheck/hvp_rel_err``, and ``gradcheck/wall_s`` (total seconds)."""

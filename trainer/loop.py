@@ -8,7 +8,8 @@ callables: the per-member record, the progress bar, the gradient checks. After
 the last chunk every member is evaluated on its test split beside a linear
 baseline and its final params saved. Every phase is timed with
 ``jax.block_until_ready`` (case C10). It knows no Hydra and no MLflow: a tracker
-is any object with the methods of ``tracking.MlflowTracker``, one per member.
+is any object with the methods of ``tracking.MlflowTracker``, one per member; what
+it records is named as ``names`` says.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import compile_cache, measure, mlflow_model, render, report, signals
+from . import compile_cache, measure, mlflow_model, names, render, report, signals
 from .checkpoint import CheckpointPlan, Checkpoints, Saver
 from .checks import GradcheckFailedError, Gradchecker, check_worked_examples
 from .data import Dataset
@@ -39,7 +40,7 @@ from .steps import (DeviceData, TrainState, check_scalar_loss, init_train_state,
 __all__ = ["NonFiniteLossError", "GradcheckFailedError", "RunResult", "CountingCompiler",
            "Run", "Chunk", "build_run", "run_chunks", "train_population", "train_and_evaluate",
            "check_worked_examples", "chunk_points", "chunk_timings", "gradcheck_steps",
-           "evaluate_test", "SHUFFLE_STREAM", "GRADCHECK_STREAM"]
+           "record_figures", "evaluate_test", "SHUFFLE_STREAM", "GRADCHECK_STREAM"]
 
 SHUFFLE_STREAM = 7919  # fold_in(key(seed), SHUFFLE_STREAM) is the shuffling key
 GRADCHECK_STREAM = 104729  # fold_in(key(seed), GRADCHECK_STREAM) draws the checks' samples
@@ -310,7 +311,8 @@ class MemberRecord:
                               stop_before=stop_before)
         if self._logged_through:
             points = [p for p in points if p[2] > self._logged_through.get(p[0], -1)]
-        self.tracker.log_metrics(points)
+        self.tracker.log_metrics([(names.record_curve(name), value, step)
+                                  for name, value, step in points])
         for name, value, step in points:
             steps, values = self.history.setdefault(name, ([], []))
             steps.append(step)
@@ -400,8 +402,9 @@ def train_population(members: list, datasets: list[Dataset], trackers: list, *,
         ``config.VMAPPABLE_KEYS``; uses ``model``, ``optim``, ``trainer``,
         ``data.batch_size``, ``gradcheck`` and ``seed``.
       datasets: each member's split data (``data.load_dataset``).
-      trackers: one per member; each receives ``set_tags``, ``log_metrics``,
-        ``log_artifact``, ``flush`` (see ``tracking.MlflowTracker``).
+      trackers: one per member; each receives ``set_tags``, ``log_params``,
+        ``log_metrics``, ``log_artifact``, ``flush`` (see ``tracking.MlflowTracker``),
+        under the names of ``names``.
       console: a ``rich.console.Console`` for progress and messages, or None.
       loss_fn: ``(outputs, targets) -> ()`` loss; default MSE or cross-entropy by task.
       workdir: folder for artifacts before upload (a temporary folder if None).
@@ -561,16 +564,18 @@ def _tag_start(run: Run, trackers: list, console, device_name: str) -> None:
     device = run.layout.mesh.devices.flat[0]
     tags = {"jax.backend": jax.default_backend(), "jax.device_kind": device.device_kind,
             "jax.device_count": str(jax.device_count()),
-            "population.devices": str(run.layout.num_devices)}
+            "population.devices": str(run.layout.num_devices),
+            "population.size": str(len(run.members))}
     n_train = run.datasets[0].x_train.shape[0]
     clamped = run.batch_size < run.cfg.data.batch_size
     if clamped:
         tags["batch_size_clamped"] = f"{run.cfg.data.batch_size} -> {run.batch_size}"
+    # constants of the run are params, not metrics (names.RUN_PARAMS)
+    constants = {"derived.num_params": run.num_params, "derived.batch_size": run.batch_size}
     for tracker, dataset in zip(trackers, run.datasets):
         tracker.set_tags(tags)
+        tracker.log_params(constants)
         tracker.log_datasets(mlflow_model.dataset_inputs(dataset))  # meanwhile, in the writer
-        tracker.log_metrics([("num_params", run.num_params, 0),
-                             ("batch_size", run.batch_size, 0)])
     if console is not None:
         members = len(run.members)
         shape = "" if members == 1 else (f" | {members} members on {run.layout.num_devices} "
@@ -654,17 +659,19 @@ def _finish(run: Run, state: TrainState, records: list[MemberRecord], checks: li
                 if cfg.seed not in baselines:
                     baselines[cfg.seed] = (dataset.baseline if dataset.baseline is not None
                                            else linear_baseline(dataset))
-                final = [(f"test_{k}", v, num_steps) for k, v in test.items()]
-                final += [(f"baseline_test_{k}", v, num_steps)
-                          for k, v in baselines[cfg.seed].items()]
-            final.append(("nonfinite_steps", int(nonfinite[m]), num_steps))
+                final = [(names.test_metric(k), v) for k, v in test.items()]
+                final += [(names.baseline_metric(k), v) for k, v in baselines[cfg.seed].items()]
+            final.append((names.train_metric("nonfinite_steps"), int(nonfinite[m])))
             best = early_stopping and record.failed_step is None and best_step[m] >= 0
             if best:
-                final += [("best_step", int(best_step[m]), num_steps),
-                          ("best_val_loss", float(best_val[m]), num_steps)]
+                final += [(names.train_metric("best_step"), int(best_step[m])),
+                          (names.train_metric("best_val_loss"), float(best_val[m]))]
+            loss = report.loss_label(dataset.task,
+                                     custom=run.loss_fn is not loss_for_task(dataset.task))
             renderer.plot(tracker, report.plot_training, record.history,
-                          folder / "training_curves.png",
-                          title=f"{dataset.name}: {cfg.model.kind}")
+                          folder / "training_curves.png", loss=loss,
+                          title=f"{dataset.name}: {cfg.model.kind} model, "
+                                f"{run.num_params:,} params")
             if record.failed_step is None:
                 tracker.log_artifact(report.save_params(params, folder / "final_params"),
                                      "final_params")
@@ -706,10 +713,29 @@ def _finish(run: Run, state: TrainState, records: list[MemberRecord], checks: li
         tracker.flush()  # every training point written before the timings are taken
         result.timings.update(gradcheck_s=gradcheck_s, log_s=tracker.log_s,
                               wall_s=time.perf_counter() - wall_start)
-        tracker.log_metrics(final + [(name, value, num_steps) for name, value in
-                                     (*result.timings.items(), *compute.items())])
+        tracker.log_metrics([(name, value, names.RESULT_STEP) for name, value in
+                             final + record_figures(result.timings, compute)])
         tracker.flush()
     return results
+
+
+def record_figures(timings: dict[str, float], compute: dict[str, float]
+                   ) -> list[tuple[str, float]]:
+    """A run's ``RunResult.timings`` and ``.compute`` as ``(record name, value)`` metrics:
+    timings under ``time/``, XLA's figures under ``xla/``, the checkpoint counts under
+    ``train/``; ``members`` and ``devices`` are left out (the tags ``population.size``
+    and ``population.devices``). See ``names``."""
+    out = [(names.time_metric(k), v) for k, v in timings.items()]
+    for k, v in compute.items():
+        if k in ("members", "devices"):
+            continue
+        if k in ("checkpoints_saved", "checkpoints_skipped"):
+            out.append((names.train_metric(k), v))
+        elif k == "checkpoint_wait_s":
+            out.append((names.time_metric(k), v))
+        else:
+            out.append((names.xla_metric(k), v))
+    return out
 
 
 def gradcheck_steps(every_steps: int | None, chunk_ends: list[int]) -> set[int]:

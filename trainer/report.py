@@ -11,9 +11,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-__all__ = ["progress_bar", "plot_training", "plot_gradcheck", "save_params", "print_summary",
-           "write_members_csv", "plot_sweep", "plot_member_curves", "print_population",
-           "print_examples", "workdir"]
+__all__ = ["progress_bar", "loss_label", "plot_training", "plot_gradcheck", "save_params",
+           "print_summary", "write_members_csv", "plot_sweep", "plot_member_curves",
+           "print_population", "print_examples", "workdir"]
 
 
 @contextlib.contextmanager
@@ -52,13 +52,25 @@ def workdir(path: Path | None) -> Iterator[Path]:
         yield Path(tmp)
 
 
+def loss_label(task: str, *, custom: bool = False) -> str:
+    """What the training loss is, for axis labels: the loss the curves ``train_loss`` and
+    ``val_loss`` hold, on the standardised target (not the test metrics' target units)."""
+    if custom:
+        return "loss (the run's own loss_fn)"
+    if task == "regression":
+        return "MSE on the standardised target"
+    return "cross-entropy (nats per row)"
+
+
 def plot_training(history: dict[str, tuple[list[int], list[float]]], path: Path, *,
-                  title: str) -> Path:
+                  title: str, loss: str = "loss") -> Path:
     """Plot train and validation loss (log scale) and the learning rate against the step.
 
     Args:
       history: ``{metric name: (steps, values)}`` as logged.
       path: where to write the PNG.
+      title: names the data and the model.
+      loss: what the loss is, with its unit (``loss_label``): the loss axis's label.
 
     Returns:
       ``path``.
@@ -74,7 +86,7 @@ def plot_training(history: dict[str, tuple[list[int], list[float]]], path: Path,
         if name in history:
             steps, values = history[name]
             ax_loss.plot(steps, values, label=label, marker="o" if len(steps) < 30 else None)
-    ax_loss.set(xlabel="step", ylabel="loss")
+    ax_loss.set(xlabel="step", ylabel=loss)
     ax_loss.set_title(title, y=1.0)  # a fixed y: matplotlib's auto placement measures every tick label
     if any(v > 0 for name in ("train_loss", "val_loss") for v in history.get(name, ([], []))[1]):
         ax_loss.set_yscale("log")
@@ -95,7 +107,7 @@ def plot_gradcheck(reports: list, path: Path, *, rel_tol: float | None = None) -
     also the norms of Θ's inner-use and outer-use gradient terms and their cosine.
 
     Args:
-      reports: ``[(step, metrics)]``, ``metrics`` a report's ``metrics()``: the figures
+      reports: ``[(step, figures)]``, ``figures`` a report's ``figures()``:
         ``gradcheck/<tensor>/rel_err``, ``gradcheck/theta_inner_norm``, ...
       path: where to write the PNG.
       rel_tol: drawn as the pass line when given.
@@ -106,8 +118,8 @@ def plot_gradcheck(reports: list, path: Path, *, rel_tol: float | None = None) -
     from matplotlib.figure import Figure
 
     series: dict[str, tuple[list[int], list[float]]] = {}
-    for step, metrics in reports:
-        for name, value in metrics.items():
+    for step, figures in reports:
+        for name, value in figures.items():
             steps, values = series.setdefault(name, ([], []))
             steps.append(step)
             values.append(value)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from . import record, report
+from . import names, record, report
 from .checkpoint import CheckpointPlan, periodic_steps, upload_checkpoints
 from .resume import CHECKPOINT_TAG
 from .tracking import (PARENT_TAG, MlflowTracker, Store, child_runs, config_hash,
@@ -43,7 +43,7 @@ __all__ = ["new_sweep_id", "run_population_job", "resume_population", "summarize
            "open_sweep",
            "SweepHandle", "member_run_name"]
 
-CURVES = ("train_loss", "val_loss")
+CURVES = ("train_loss", "val_loss")  # the members' curves the parent reads (names.CURVES)
 
 
 def new_sweep_id() -> str:
@@ -262,9 +262,10 @@ def summarize_parent(client, experiment_id: str, parent_run_id: str, *,
     """Summarise a parent's children (and the earlier runs of points it skipped).
 
     Logs to the parent: metrics ``members``, ``failed_members``, ``skipped_members``,
-    ``groups``; ``best/val_loss`` and ``best/test_*`` of the best member (lowest final
+    ``groups``; ``best/val_loss``, ``best/train_loss`` and ``best/test_*`` of the best member
+    (the member's ``curves/*`` and ``test/*``, ``/`` written ``_``; lowest final
     validation loss among FINISHED runs; with early stopping a member's final model is
-    that of its best step, so its ``best_val_loss`` stands for its ``val_loss``) with
+    that of its best step, so its ``train/best_val_loss`` stands for its ``val_loss``) with
     its run id and name as tags and its values as params ``best.<key>``;
     ``final/<metric>/min|median|max`` over FINISHED members; the tag ``best.model_uri``
     (the best member's MLflow model), registered under ``tracking.register_model`` when
@@ -285,13 +286,14 @@ def summarize_parent(client, experiment_id: str, parent_run_id: str, *,
         row = {"run_id": run.info.run_id, "run_name": run.info.run_name,
                "status": run.info.status,
                "values": json.loads(run.data.tags.get("population.values", "{}")),
-               "metrics": {k: v for k, v in run.data.metrics.items()
-                           if k in ("train_loss", "val_loss") or k.startswith(("test_",
-                                                                               "baseline_"))},
+               "metrics": {_summary_name(k): v for k, v in run.data.metrics.items()
+                           if k in {names.CURVES[c] for c in CURVES}
+                           or k.startswith("test/")},
                "skipped": run in skipped, "model_uri": run.data.tags.get("model_uri"),
                "register_model": run.data.params.get("tracking.register_model", "None")}
-        if "best_val_loss" in run.data.metrics:  # early stopping: the model kept is the best
-            row["metrics"]["val_loss"] = run.data.metrics["best_val_loss"]
+        best_val = names.train_metric("best_val_loss")
+        if best_val in run.data.metrics:  # early stopping: the model kept is the best
+            row["metrics"]["val_loss"] = run.data.metrics[best_val]
         rows.append(row)
     finished = [r for r in rows if r["status"] == "FINISHED" and "val_loss" in r["metrics"]]
     now = int(time.time() * 1000)
@@ -314,8 +316,8 @@ def summarize_parent(client, experiment_id: str, parent_run_id: str, *,
         params = [(f"best.{k}", str(v)) for k, v in best["values"].items()
                   if f"best.{k}" not in existing]
         metrics += [(f"best/{k}", v, now, 0) for k, v in best["metrics"].items()]
-        names = sorted({k for r in finished for k in r["metrics"]})
-        for name in names:
+        summarised = sorted({k for r in finished for k in r["metrics"]})
+        for name in summarised:
             values = [r["metrics"][name] for r in finished if name in r["metrics"]]
             for stat, value in (("min", min(values)), ("median", statistics.median(values)),
                                 ("max", max(values))):
@@ -328,13 +330,19 @@ def summarize_parent(client, experiment_id: str, parent_run_id: str, *,
         client.log_artifact(parent_run_id, str(report.write_members_csv(
             rows, folder / "members.csv")))
         if finished:
-            curves = {r["run_id"]: {k: metric_history(client, r["run_id"], k) for k in CURVES}
-                      for r in finished}
+            curves = {r["run_id"]: {k: metric_history(client, r["run_id"], names.CURVES[k])
+                                    for k in CURVES} for r in finished}
             client.log_artifact(parent_run_id, str(report.plot_sweep(
                 finished, folder / "sweep_val_loss.png", best_run_id=best["run_id"])))
             client.log_artifact(parent_run_id, str(report.plot_member_curves(
                 curves, folder / "sweep_curves.png", best_run_id=best["run_id"])))
     return best
+
+
+def _summary_name(record_name: str) -> str:
+    """A member's metric as the parent names it: ``curves/val_loss`` -> ``val_loss``,
+    ``test/rmse`` -> ``test_rmse``, ``test/baseline_rmse`` -> ``test_baseline_rmse``."""
+    return record_name.removeprefix("curves/").replace("/", "_")
 
 
 @dataclass

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from . import signals
+from . import names, signals
 
 __all__ = ["Store", "resolve_store", "open_store", "open_store_here", "use_store_process",
            "log_batch", "get_or_create_experiment", "start_run",
@@ -639,18 +639,22 @@ def metric_history(client, run_id: str, key: str) -> tuple[list[int], list[float
     return [m.step for m in points], [m.value for m in points]
 
 
-CURVE_METRICS = ("train_loss", "grad_norm", "learning_rate", "val_loss")
+CURVE_METRICS = tuple(names.CURVES)  # the loop's names of the curves a resumed run reads
 
 
 def metric_histories(client, run_id: str,
                      keys: Iterable[str] = CURVE_METRICS) -> dict[str, tuple[list[int], list[float]]]:
-    """``{key: (steps, values)}`` of a run's curves, for a resumed run (keys it lacks are
-    left out)."""
+    """``{key: (steps, values)}`` of a run's curves, for a resumed run, by the loop's names
+    (``train_loss``; the record's ``curves/train_loss``, see ``names``; a run recorded
+    before the curves had their prefix holds them under the bare name). Keys it lacks are
+    left out."""
     out = {}
     for key in keys:
-        steps, values = metric_history(client, run_id, key)
-        if steps:
-            out[key] = (steps, values)
+        for stored in (names.CURVES[key], key):
+            steps, values = metric_history(client, run_id, stored)
+            if steps:
+                out[key] = (steps, values)
+                break
     return out
 
 
