@@ -68,6 +68,7 @@ def test_logged_model_takes_raw_rows_and_answers_in_target_units(tmp_path):
     # in the run's experiment (its Models tab), not in experiment 0 of ./mlruns
     logged = client.get_logged_model(info["model_id"])
     assert logged.experiment_id == run.info.experiment_id
+    assert logged.name == run.info.run_name.replace(".", "_")  # not MLflow's "model" for every run
     assert logged.artifact_location.startswith((tmp_path / "art").as_uri())
 
     with mlflow_model._fluent_store(client.tracking_uri):  # where models:/ URIs resolve
@@ -157,6 +158,11 @@ def test_c22_served_model_answers_offline_in_target_units(run_cli, tmp_path):
     client = store_client(tmp_path)
     (run,) = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
     uri = run.data.tags["model_uri"]
+    logged = client.get_logged_model(uri.removeprefix("models:/"))
+    assert logged.name == run.info.run_name.replace(".", "_") and logged.source_run_id == run.info.run_id
+    assert logged.tags["mlflow.source.name"] == "python -m trainer"  # not the store process
+    assert run.data.tags["mlflow.note.content"].startswith("test RMSE ")
+    assert {i.tags[0].value for i in run.inputs.dataset_inputs} == {"train", "validation", "test"}
     # the model reproduces the run's test predictions: its RMSE is the logged one
     dataset = load_dataset(TabularDataConfig(kind="diabetes", val_fraction=0.15, test_fraction=0.15),
                            seed=0)
@@ -216,3 +222,21 @@ def test_serve_names_a_run_without_a_model(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path / "mlruns")
     assert main([run_id]) == 2
     assert "no store at" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec", [
+    ModelSpec("mlp", 5, 2, 1, (4, 6, 3), False, "lecun_normal", 1.0),
+    ModelSpec("mlp", 5, 3, 1, (4, 4, 4), True, "lecun_normal", 1.0),
+    ModelSpec("tied", 5, 1, 4, (), False, "normal", 1.0),
+    ModelSpec("tied", 4, 4, 4, (), False, "normal", 1.0)],
+    ids=["mlp", "mlp-tied-hidden", "tied-with-maps", "tied-exact"])
+def test_served_forward_pass_is_the_flax_models(spec):
+    """The served model's NumPy forward pass (no JAX in a server) equals trainer.models."""
+    from trainer.served_model import _nest, forward
+
+    graphdef, params = nnx.split(init_model(spec, key=jax.random.key(5)))
+    flat = {}
+    mlflow_model._flatten(nnx.to_pure_dict(params), "", flat)
+    x = np.asarray(jax.random.normal(jax.random.key(6), (7, spec.in_features)), np.float32)
+    np.testing.assert_allclose(forward(spec.kind, _nest(flat), x),
+                               np.asarray(nnx.merge(graphdef, params)(x)), rtol=2e-5, atol=1e-6)

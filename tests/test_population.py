@@ -248,6 +248,8 @@ def test_c16_sweep_is_one_parent_with_a_child_per_seed(tmp_path):
     uris = {r.data.tags["model_uri"] for r in children}
     assert len(uris) == 4 and lone.data.tags["model_uri"] not in uris
     assert parent.data.tags["best.model_uri"] == best.data.tags["model_uri"]
+    assert parent.data.tags["mlflow.note.content"].startswith(
+        f"best of 4 members: {best.info.run_name}, validation loss ")
     assert parent.data.tags["best.registered_version"] == "smoke-best version 1"
     assert client.get_model_version("smoke-best", "1").run_id == best.info.run_id
     assert client.get_model_version("smoke-best", "2").run_id == lone.info.run_id

@@ -821,8 +821,12 @@ def logged_config(resolved: dict) -> dict:
     uses. Training: all of it (each group holds only its kind's keys) but ``resume``,
     which says how the run was launched (its ``config.yaml`` keeps it).
     ``mode=gradcheck``: ``WORKED_EXAMPLES_KEYS`` only."""
-    if resolved.get("mode") == "gradcheck":
-        return {k: v for k, v in resolved.items() if k in WORKED_EXAMPLES_KEYS}
+    if resolved.get("mode") == "gradcheck":  # no model to register either
+        kept = {k: v for k, v in resolved.items() if k in WORKED_EXAMPLES_KEYS}
+        if isinstance(kept.get("tracking"), dict):
+            kept["tracking"] = {k: v for k, v in kept["tracking"].items()
+                                if k != "register_model"}
+        return kept
     return {k: v for k, v in resolved.items() if k != "resume"}
 
 

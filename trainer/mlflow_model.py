@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -78,11 +79,10 @@ def _flatten(tree: dict, prefix: str, out: dict) -> None:
 
 def model_requirements() -> list[str]:
     """The model's pip requirements: the installed versions of what ``served_model``
-    imports (the ``trainer`` package itself is this repository: see the README)."""
+    imports (it needs neither JAX nor this package)."""
     from importlib import metadata
 
-    return [f"{dist}=={metadata.version(dist)}"
-            for dist in ("mlflow", "jax", "jaxlib", "flax", "numpy", "pandas")]
+    return [f"{dist}=={metadata.version(dist)}" for dist in ("mlflow", "numpy", "pandas")]
 
 
 def log_model(client, run_id: str, bundle: str, *, registered_model_name: str | None = None
@@ -115,16 +115,21 @@ def log_model(client, run_id: str, bundle: str, *, registered_model_name: str | 
     else:
         outputs = Schema([ColSpec("double", name) for name in meta["target_names"]])
     code = str(Path(__file__).resolve().parent / "served_model.py")
-    experiment_id = client.get_run(run_id).info.experiment_id
-    with _fluent_store(client.tracking_uri, experiment_id):
+    run = client.get_run(run_id)
+    # the run's own source, user and commit (else MLflow names the store process as its
+    # source), and the run's name as the model's (else every model is called "model")
+    tags = {k: v for k, v in run.data.tags.items()
+            if k.startswith("mlflow.source.") or k == "mlflow.user"}
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", run.info.run_name or "model")  # MLflow refuses . / : % quotes
+    with _fluent_store(client.tracking_uri, run.info.experiment_id):
         info = Model.log(
-            artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run_id,
+            artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
             python_model=code, artifacts={"net": str(bundle)},
             signature=ModelSignature(inputs=inputs, outputs=outputs),
             input_example=pd.DataFrame(example, columns=features),
             pip_requirements=model_requirements(),
             registered_model_name=registered_model_name,
-            tags={"data": meta["data"], "model.kind": meta["spec"]["kind"]})
+            tags={**tags, "data": meta["data"], "model.kind": meta["spec"]["kind"]})
     version = info.registered_model_version
     client.set_tag(run_id, "model_uri", info.model_uri)  # what a sweep's parent points to
     return {"model_id": info.model_id, "model_uri": info.model_uri,

@@ -4,9 +4,13 @@
 ``net.npz`` (written by ``mlflow_model.write_bundle``), which holds the params, the
 standardisation fitted on the training split, and a JSON description of the net and
 its data. Loading the model (``mlflow.pyfunc.load_model``, ``mlflow models serve``)
-runs this file, which ends in ``mlflow.models.set_model``; ``load_context`` rebuilds
-the Flax model from ``trainer.models`` (the same definition that trained it) and
-puts the params in it.
+runs this file, which ends in ``mlflow.models.set_model``.
+
+The forward pass is ``trainer.models``' (``TanhMLP``, ``TiedTanh``) written in NumPy
+(float32, as trained), so that the served model needs neither JAX nor this package:
+it loads in milliseconds, MLflow's check at logging time (it predicts the input
+example) costs no JAX start-up, and a server needs only numpy, pandas and mlflow.
+``tests/test_model.py`` checks it against the Flax models of every kind.
 
 The model takes raw feature rows, in the units of the data (a ``pandas.DataFrame``
 with the training features as columns, or an ``(N, D)`` array in their order), and
@@ -29,27 +33,19 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 
+__all__ = ["TrainedNet", "forward"]
+
+
 class TrainedNet(mlflow.pyfunc.PythonModel):
     """A trained tanh net with its input and output scaling (see the module docstring)."""
 
     def load_context(self, context) -> None:
-        import jax
-        from flax import nnx
-
-        from trainer.models import ModelSpec, init_model
-
         with np.load(context.artifacts["net"], allow_pickle=False) as bundle:
             meta = json.loads(str(bundle["meta"]))
             arrays = {k: bundle[k] for k in bundle.files if k != "meta"}
         self.meta = meta
-        spec = ModelSpec(**{**meta["spec"], "hidden": tuple(meta["spec"]["hidden"])})
-        # the key only fills the arrays that the saved params replace
-        graphdef, state = nnx.split(init_model(spec, key=jax.random.key(0)))
-        pure = nnx.to_pure_dict(state)
-        _fill(pure, arrays, "params/")
-        nnx.replace_by_pure_dict(state, pure)
-        self.net = nnx.merge(graphdef, state)
-        self.apply = jax.jit(lambda net, x: net(x))
+        self.params = _nest({k[len("params/"):]: v for k, v in arrays.items()
+                             if k.startswith("params/")})
         self.scaling = {k: arrays.get(k) for k in ("feature_mean", "feature_std",
                                                    "target_mean", "target_std")}
 
@@ -71,7 +67,8 @@ class TrainedNet(mlflow.pyfunc.PythonModel):
         mean, std = self.scaling["feature_mean"], self.scaling["feature_std"]
         if mean is not None:
             x = (x - mean) / std
-        out = np.asarray(self.apply(self.net, np.asarray(x, np.float32)), np.float64)
+        out = forward(self.meta["spec"]["kind"], self.params,
+                      np.asarray(x, np.float32)).astype(np.float64)
         if self.meta["task"] == "classification":
             classes = self.meta["class_names"]
             z = out - out.max(axis=1, keepdims=True)
@@ -118,14 +115,45 @@ def _rows(model_input, features: list[str]) -> np.ndarray:
                               INVALID_PARAMETER_VALUE) from None
 
 
-def _fill(tree: dict, arrays: dict, prefix: str) -> None:
-    """Replace the leaves of a nested dict by ``arrays[prefix + "a/b/c"]``."""
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            _fill(value, arrays, name + "/")
-        else:
-            tree[key] = arrays[name]
+def forward(kind: str, params: dict, x: np.ndarray) -> np.ndarray:
+    """The net's outputs for standardised rows, as ``trainer.models`` computes them.
+
+    Args:
+      kind: ``"mlp"`` (``TanhMLP``) or ``"tied"`` (``TiedTanh``).
+      params: the nested params (``nnx.to_pure_dict`` layout; list indices as keys).
+      x: ``(N, D)`` float32.
+
+    Returns:
+      ``(N, T)`` float32 outputs (regression targets in standard units, or logits).
+    """
+    def linear(layer, h):
+        return h @ layer["kernel"] + layer["bias"]
+
+    if kind == "tied":  # tanh(Θ·tanh(Θ·h)) with rows as batch elements: h @ Θᵀ
+        h = linear(params["input_map"], x) if "input_map" in params else x
+        theta = params["theta"]
+        h = np.tanh(np.tanh(h @ theta.T) @ theta.T)
+        return linear(params["output_map"], h) if "output_map" in params else h
+    h = np.tanh(linear(params["input_layer"], x))
+    if "shared_kernel" in params:  # one kernel for every hidden-to-hidden layer
+        for i in sorted(params.get("hidden_biases", {}), key=int):
+            h = np.tanh(h @ params["shared_kernel"] + params["hidden_biases"][i])
+    else:
+        for i in sorted(params.get("hidden_layers", {}), key=int):
+            h = np.tanh(linear(params["hidden_layers"][i], h))
+    return linear(params["output_layer"], h)
+
+
+def _nest(flat: dict) -> dict:
+    """``{"a/b/c": array}`` -> ``{"a": {"b": {"c": array}}}``."""
+    tree: dict = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split("/")
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return tree
 
 
 mlflow.models.set_model(TrainedNet())
