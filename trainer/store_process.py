@@ -281,6 +281,7 @@ def _serve(connection) -> None:
     busy = threading.Event()
     threading.Thread(target=_watch_parent, args=(parent_pid, busy), daemon=True,
                      name="trainer-store-watch").start()
+    warming = threading.Thread(target=_warm_up, daemon=True, name="trainer-store-warm-up")
 
     def client_for(store):
         if store not in clients:
@@ -316,6 +317,21 @@ def _serve(connection) -> None:
             return
         except Exception as err:  # noqa: BLE001 - the answer does not pickle
             connection.send(("error", StoreError(f"answer to {op} cannot be sent: {err}")))
+        if op == "open" and warming.ident is None and answer[0] == "ok":  # once
+            warming.start()
+
+
+def _warm_up() -> None:
+    """Import what logging a run's model and datasets needs (0.5 s of imports, measured:
+    the first model logged in a process took 0.58 s, the next 0.10 s), in a thread
+    while the job trains, so the end of the run does not wait for them."""
+    with contextlib.suppress(Exception):  # only a head start: the calls import them anyway
+        import mlflow.data.pandas_dataset  # noqa: F401
+        import mlflow.models.model  # noqa: F401
+        import mlflow.pyfunc  # noqa: F401
+        import mlflow.pyfunc.model  # noqa: F401
+
+        from . import mlflow_model  # noqa: F401
 
 
 def _main(fd: int) -> None:
