@@ -60,8 +60,12 @@ def test_logged_model_takes_raw_rows_and_answers_in_target_units(tmp_path):
     client, run_id = _store(tmp_path)
     bundle = mlflow_model.write_bundle(tmp_path / "net.npz", params=params, spec=spec,
                                        dataset=dataset, run_id=run_id)
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     info = run_op(client, "log_model", run_id, str(bundle), registered_model_name="diab")
     assert info["registered_version"] == "1"
+    # MLflow's fluent API is pointed at the store for the call only: a later store of
+    # this process (resolve_store reads the variable) must not land in this one
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before
     run = client.get_run(run_id)
     assert run.data.tags["model_uri"] == info["model_uri"]
     assert [o.model_id for o in run.outputs.model_outputs] == [info["model_id"]]

@@ -142,7 +142,9 @@ def _fluent_store(tracking_uri: str, experiment_id: str | None = None) -> Iterat
     experiment (else the logged model lands in experiment 0 of ``./mlruns``), and back."""
     import mlflow
 
-    before_uri = mlflow.get_tracking_uri()
+    # set_tracking_uri also sets $MLFLOW_TRACKING_URI (for subprocesses), which mirrors
+    # a URI set before; None unsets both (a process's resolve_store reads that variable)
+    before_uri = os.environ.get("MLFLOW_TRACKING_URI")
     before_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
     mlflow.set_tracking_uri(tracking_uri)
     if experiment_id is not None:
