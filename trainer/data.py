@@ -73,6 +73,14 @@ class Dataset:
         """Model output size: number of classes, or of target columns."""
         return len(self.class_names) if self.task == "classification" else self.y_train.shape[1]
 
+    def raw_features(self, x: np.ndarray) -> np.ndarray:
+        """Undo the feature standardisation: ``(N, D)`` -> ``(N, D)`` float64 in the
+        data's own units (what a served model takes)."""
+        x = np.asarray(x, np.float64)
+        if self.feature_mean is None:
+            return x
+        return x * self.feature_std + self.feature_mean
+
     def to_original_units(self, y: np.ndarray) -> np.ndarray:
         """Undo the target standardisation: ``(N, T)`` -> ``(N, T)`` float64."""
         y = np.asarray(y, np.float64)

@@ -56,10 +56,7 @@ def write_bundle(path: Path, *, params, spec, dataset, run_id: str) -> Path:
         value = getattr(dataset, name)
         if value is not None:
             arrays[name] = np.asarray(value, np.float64)
-    raw = dataset.x_test[:EXAMPLE_ROWS].astype(np.float64)
-    if dataset.feature_mean is not None:
-        raw = raw * dataset.feature_std + dataset.feature_mean
-    arrays["example"] = raw
+    arrays["example"] = dataset.raw_features(dataset.x_test[:EXAMPLE_ROWS])
     meta = {"spec": {**asdict(spec), "hidden": list(spec.hidden)}, "task": dataset.task,
             "data": dataset.name, "source": dataset.source,
             "feature_names": list(dataset.feature_names),
@@ -176,7 +173,7 @@ def dataset_inputs(dataset) -> dict:
     features and targets in the data's own units, plain arrays and strings.
 
     Returns:
-      ``{"name", "source", "task", "feature_names", "target_names", "splits":
+      ``{"name", "source", "feature_names", "target_names", "splits":
       {"train" | "validation" | "test": (features (N, D) float64, targets (N, T)
       float64 or (N,) str)}}``.
     """
@@ -184,15 +181,13 @@ def dataset_inputs(dataset) -> dict:
     for context, x, y in (("train", dataset.x_train, dataset.y_train),
                           ("validation", dataset.x_val, dataset.y_val),
                           ("test", dataset.x_test, dataset.y_test)):
-        x = np.asarray(x, np.float64)
-        if dataset.feature_mean is not None:
-            x = x * dataset.feature_std + dataset.feature_mean
+        x = dataset.raw_features(x)
         if dataset.task == "classification":
             y = np.asarray(dataset.class_names)[np.asarray(y)]
         else:
             y = dataset.to_original_units(y)
         splits[context] = (x, y)
-    return {"name": dataset.name, "source": dataset.source, "task": dataset.task,
+    return {"name": dataset.name, "source": dataset.source,
             "feature_names": list(dataset.feature_names),
             "target_names": list(dataset.target_names), "splits": splits}
 
@@ -224,11 +219,11 @@ def log_datasets(client, run_id: str, inputs: dict) -> None:
         origin = CodeDatasetSource({"loader": source})
     entries = []
     for context, (x, y) in inputs["splits"].items():
-        frame = pd.DataFrame(x, columns=inputs["feature_names"])
         targets = inputs["target_names"]
-        y = np.asarray(y).reshape(len(frame), -1)
-        for i, name in enumerate(targets):
-            frame[name] = y[:, i]
+        y = np.asarray(y).reshape(len(x), -1)
+        # one frame at once: column by column, 100 targets (the seed problem) fragment it
+        frame = pd.concat([pd.DataFrame(x, columns=inputs["feature_names"]),
+                           pd.DataFrame(y, columns=targets)], axis=1)
         data = mlflow.data.from_pandas(frame, source=origin, targets=targets[0] if
                                        len(targets) == 1 else None,
                                        name=f"{inputs['name']}-{context}")
