@@ -184,7 +184,8 @@ def test_no_option_restates_a_schema_default():
             continue
         values = OmegaConf.to_container(OmegaConf.load(path)) or {}
         values.pop("defaults", None)
-        schema = OmegaConf.get_type(compose_cfg(f"{group}={path.stem}",
+        plus = "+" if group == "search" else ""
+        schema = OmegaConf.get_type(compose_cfg(f"{plus}{group}={path.stem}",
                                                 *(["data.path=x", "data.target=[y]"]
                                                   if path.stem == "csv" else []))[group])
         defaults = OmegaConf.to_container(OmegaConf.structured(schema))

@@ -113,6 +113,13 @@ def run_job(cfg, err_console) -> int:
     try:
         validate(cfg)
         c = to_config(cfg)
+        space = None
+        if c.search is not None:
+            from .search import check_search
+
+            if hydra_cfg.mode.name == "MULTIRUN":
+                raise ConfigError("+search asks its own points: run it without -m")
+            space = check_search(cfg)
         if c.resume is not None:  # the store first: the run holds the config
             if hydra_cfg.mode.name == "MULTIRUN":
                 raise ConfigError("resume= continues one run; give it without -m (a "
@@ -180,6 +187,11 @@ def run_job(cfg, err_console) -> int:
             "hydra.output_dir": hydra_cfg.runtime.output_dir, "mode": c.mode,
             "compile_cache": str(cache.path) if cache.path else cache.reason,
             HOST_DEVICES_TAG: str(host_devices)}
+    if space is not None:
+        return _search_job(client, store, experiment_id, experiment_name, cfg, space=space,
+                           search_option=hydra_cfg.runtime.choices.get("search") or "search",
+                           tags=tags, launch_dir=launch_dir, console=console,
+                           err_console=err_console)
     if members is not None:
         return _population_job(client, store, experiment_id, experiment_name, cfg, members,
                                datasets, tags=tags, console=console, err_console=err_console)
@@ -320,6 +332,35 @@ def _population_job(client, store, experiment_id, experiment_name, cfg, members,
         client, store, experiment_id, experiment_name, cfg, members, datasets, tags=tags,
         console=console, err_console=err_console), parent_run_id=None, store=store,
         console=console, err_console=err_console)
+
+
+def _search_job(client, store, experiment_id, experiment_name, cfg, *, space, search_option,
+                tags, launch_dir, console, err_console) -> int:
+    """``+search=NAME``: ask, train as populations, tell (``search.run_search``)."""
+    from .config import ConfigError
+    from .loop import GradcheckFailedError
+    from .report import print_search
+    from .search import run_search
+    from .tracking import TrackingError
+
+    try:
+        outcome = run_search(client, store, experiment_id, experiment_name, cfg, space=space,
+                             search_option=search_option, tags=tags, launch_dir=launch_dir,
+                             console=console, err_console=err_console)
+    except ConfigError as err:
+        err_console.print(f"[bold red]config error:[/] {err}")
+        return EXIT_USAGE
+    except KeyboardInterrupt as err:
+        err_console.print(f"[bold red]stopped:[/] {str(err) or 'interrupted (Ctrl-C)'}; the "
+                          "trials in flight ended KILLED and will be asked again; continue "
+                          "the search with the same command")
+        err.reported = True
+        raise
+    except (GradcheckFailedError, ValueError, TrackingError) as err:
+        err_console.print(f"[bold red]error:[/] {err}. The batch's runs ended FAILED.")
+        return EXIT_FAILED
+    print_search(console, outcome, tracking_uri=store.tracking_uri)
+    return 0
 
 
 def _run_population(train, *, parent_run_id, store, console, err_console) -> int:

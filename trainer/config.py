@@ -44,6 +44,7 @@ from .optim import OPTIMIZERS, SCHEDULES
 __all__ = ["Config", "ModelConfig", "MlpModelConfig", "TiedModelConfig", "DataConfig",
            "TabularDataConfig", "SeedDataConfig", "CsvDataConfig", "OptimConfig",
            "SgdOptimConfig", "MomentumOptimConfig", "AdamOptimConfig", "AdamWOptimConfig",
+           "SearchConfig", "SearchParamConfig", "SamplerConfig",
            "TrainerConfig", "TrackingConfig", "GradcheckConfig", "PopulationConfig",
            "SCHEMAS", "VMAPPABLE_KEYS", "ConfigError", "CONF_DIR", "register_configs",
            "check_overrides", "validate", "to_config", "structured", "logged_config",
@@ -362,6 +363,51 @@ class PopulationConfig:
 
 
 @dataclass
+class SearchParamConfig:
+    # One searched config key (Optuna's distributions: FloatDistribution, IntDistribution,
+    # CategoricalDistribution).
+    type: str = MISSING                # "float", "int" or "categorical"
+    low: Optional[float] = None        # float / int: the smallest value (> 0 with log)
+    high: Optional[float] = None       # float / int: the largest value, included
+    log: bool = False                  # float / int: sample on a log scale
+    step: Optional[float] = None       # float / int: grid step (None: continuous, int 1)
+    choices: Optional[list[Any]] = None  # categorical: the values (scalars or lists)
+
+
+@dataclass
+class SamplerConfig:
+    name: str = "tpe"                  # "tpe", "random", "gp" or "qmc" (optuna.samplers)
+    seed: Optional[int] = 0            # the sampler's PRNG seed (None: from the OS)
+    constant_liar: bool = True         # tpe: a trial asked while others of its batch are
+                                       # still running counts as a poor result, so one batch
+                                       # spreads out instead of asking the same point K times
+    n_startup_trials: int = 8          # tpe / gp: random trials before the model is used
+
+
+@dataclass
+class SearchConfig:
+    # A hyperparameter search (+search=NAME, conf/search/): Optuna asks batch_size trials,
+    # they train as one population per structural group, their values are told back.
+    space: dict[str, Any] = field(default_factory=dict)  # the searched keys, nested as in the
+                                       # config, each ending in a SearchParamConfig:
+                                       # {optim: {learning_rate: {type: float, ...}}}
+    num_trials: int = 32               # trials to complete (diverged ones count; trials of a
+                                       # process that died are retried and do not)
+    trials_per_batch: int = 8          # trials asked at once and trained together
+    metric: str = "val_loss"           # the value told to Optuna: "val_loss" (final
+                                       # validation loss; with early stopping, that of the
+                                       # model kept) or "min_val_loss" (lowest on the curve)
+    direction: str = "minimize"        # "minimize" or "maximize"
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    study_name: Optional[str] = None   # None: "<experiment>-<search option>"
+    storage: Optional[str] = None      # None: journal file <store folder>/optuna/<study>.journal;
+                                       # or an RDB URL (postgresql://..., sqlite:///...)
+    stale_after_s: Optional[float] = None  # a RUNNING trial of another host counts as dead
+                                       # after this many seconds (None: never; trials of
+                                       # this host are checked by their process id)
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING       # a kind's schema, picked with model=KIND
     data: DataConfig = MISSING         # a kind's schema, picked with data=KIND
@@ -376,6 +422,7 @@ class Config:
                                        # continue it from its latest checkpoint, in the same
                                        # MLflow run; only trainer.num_steps may grow
     mode: str = "train"                # "train", or "gradcheck": the worked derivative examples
+    search: Optional[SearchConfig] = None  # +search=NAME: a hyperparameter search (search.py)
 
     def __post_init__(self) -> None:
         # no default kind here: conf/config.yaml picks them (model: mlp, ...), once
@@ -398,6 +445,7 @@ def register_configs() -> None:
     for group, schemas in SCHEMAS.items():
         for schema in dict.fromkeys(schemas.values()):
             cs.store(group=f"schema/{group}", name=SCHEMA_NAMES[schema], node=schema)
+    cs.store(group="schema", name="search", node=SearchConfig)  # conf/search/*.yaml name it
 
 
 # --- names the user may write ------------------------------------------------------------
@@ -470,6 +518,12 @@ def _resolve_key(dotted: str) -> Any:
             raise _unknown_key(dotted, ".".join(path + [""]), hints)
         node = hints[part]
         path.append(part)
+        if path == ["search", "space"]:  # its keys are config keys: search.check_space
+            return Any
+        if typing.get_origin(node) is typing.Union:  # Optional[SearchConfig]: its fields
+            inner = [a for a in typing.get_args(node) if a is not type(None)]
+            if len(inner) == 1 and is_dataclass(inner[0]) and len(path) < len(parts):
+                node = inner[0]
     return node
 
 
@@ -517,6 +571,9 @@ def check_overrides(overrides: list[str]) -> None:
             continue
         if key in GROUPS:
             _check_choices(ov, key, group_options(key), plus=False)
+            continue
+        if key == "search":
+            _check_choices(ov, "search", group_options("search"), plus=True)
             continue
         if ov.is_delete():
             raise ConfigError(f"{text!r}: keys of the schema cannot be deleted; "

@@ -409,3 +409,19 @@ def print_population(console, results: list, *, tracking_uri: str) -> None:
                   f"steps/s x {m['members']} members on {m['devices']} device(s) | "
                   f"wall {t['wall_s']:.2f} s")
     console.print(f"runs in {tracking_uri}")
+
+
+def print_search(console, outcome, *, tracking_uri: str) -> None:
+    """The search's outcome: trials told here, the study's best trial and its run, where
+    the study lives and how to go on (``search.SearchOutcome``)."""
+    console.print(f"search {outcome.study_name!r}: {outcome.told} trial(s) told by this "
+                  f"process ({outcome.failed} diverged); the study has {outcome.num_complete} "
+                  f"complete of {outcome.num_trials}")
+    if outcome.best_value is not None:
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in outcome.best_params.items())
+        console.print(f"best: {outcome.best_value:.6g} with {params} (run "
+                      f"{outcome.best_run_id})")
+    console.print(f"parent run {outcome.parent_run_id} in {tracking_uri}; study in "
+                  f"{outcome.storage}")
+    console.print("the same command continues the study (search.num_trials=N to extend it)")

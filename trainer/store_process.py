@@ -342,9 +342,15 @@ def _main(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # what the job prints is the job's: MLflow's INFO lines and progress bars while it logs
+    # a model ("Validating input example...", "Downloading artifacts") are not for the user
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     connection = multiprocessing.connection.Connection(fd)
     # the slow part, done while the parent imports JAX
     import mlflow  # noqa: F401
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
     _serve(connection)

@@ -62,7 +62,7 @@ def _identity() -> dict[str, str]:
 
 def run_population_job(client, store: Store, experiment_id: str, experiment: str, cfg: DictConfig,
                        members: list, datasets: list, *, tags: dict[str, str], console,
-                       err_console) -> list:
+                       err_console, member_tags: list[dict[str, str]] | None = None) -> list:
     """Train one population job and record it; returns the results of the members trained.
 
     Args:
@@ -70,6 +70,8 @@ def run_population_job(client, store: Store, experiment_id: str, experiment: str
       members: ``config.member_configs(cfg)``: ``[(values, member_cfg)]``.
       datasets: each member's split.
       tags: the job's tags (environment, overrides, output folder), given to every run.
+      member_tags: more tags for each member's run, in the order of ``members`` (a
+        search's trial number).
 
     Raises:
       what ``loop.train_population`` raises, after every run of the job is closed
@@ -117,7 +119,8 @@ def run_population_job(client, store: Store, experiment_id: str, experiment: str
                         client, experiment_id, run_name=name,
                         tags={**job_tags, PARENT_TAG: parent_id, "config_hash": hashes[i],
                               "population.member": str(i), "population.role": "member",
-                              "population.values": json.dumps(values)}))
+                              "population.values": json.dumps(values),
+                              **(member_tags[i] if member_tags else {})}))
                     tracker.log_params(flatten_config(logged_config(resolved[i])))
                     tracker.log_text(OmegaConf.to_yaml(resolved[i]), "config.yaml")
                     trackers.append(tracker)
