@@ -8,8 +8,8 @@ killed with SIGKILL mid-batch that the same command continues.
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -189,13 +189,35 @@ def test_search_batch_is_one_program_and_child_runs_match_trials(run_cli, tmp_pa
     assert tags["search.study"] == "diabetes-lr_wd"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
     assert artifacts == {"optuna/optimization_history.png", "optuna/param_importances.png"}
-    # the same command again: the study has its trials, nothing more trains
-    proc = run_cli("+experiment=diabetes", "+search=lr_wd", "search.num_trials=4",
-                   "search.trials_per_batch=4", *SHORT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "0 trial(s) told by this process" in proc.stdout
-    assert len(_study(str(tmp_path / "mlruns" / "optuna" / "diabetes-lr_wd.journal"))
-               .get_trials()) == 4
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study_and_one_parent(tmp_path):
+    """Two processes started at once with the same command share the study: 4 trials in
+    all, each with one FINISHED run under ONE parent; a third launch finds nothing to do."""
+    args = [sys.executable, "-m", "trainer", "+experiment=diabetes", "+search=lr_wd",
+            "search.num_trials=4", "search.trials_per_batch=2", *SHORT]
+    workers = [subprocess.Popen(args, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [w.communicate(timeout=300) for w in workers]
+    for w, (out, err) in zip(workers, outputs):
+        assert w.returncode == 0, err[-3000:]
+    told = [int(re.search(r": (\d+) trial\(s\) told by this process", out)[1])
+            for out, _ in outputs]
+    assert sum(told) == 4
+    trials = _study(str(tmp_path / "mlruns" / "optuna" / "diabetes-lr_wd.journal")).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    client = store_client(tmp_path)
+    runs = client.search_runs([client.get_experiment_by_name("diabetes").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("population.role") == "parent"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    numbers = sorted(int(r.data.tags["search.trial"]) for r in runs
+                     if "search.trial" in r.data.tags and r.info.status == "FINISHED")
+    assert numbers == [0, 1, 2, 3]
+    again = subprocess.run(args, cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "0 trial(s) told by this process" in again.stdout
 
 
 @pytest.mark.slow

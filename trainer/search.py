@@ -392,17 +392,22 @@ def run_search(client, store, experiment_id: str, experiment_name: str, cfg: Dic
     if dead:
         console.print(f"trials {', '.join(map(str, dead))} of study {study_name!r} were left "
                       "RUNNING by a process that stopped: marked FAIL, asked again")
-    parent = _find_parent(client, experiment_id, study_name)
     search_tags = {STUDY_TAG: study_name, "search.storage": storage}
-    if parent is None:
-        opened = start_run(client, experiment_id,
-                           run_name=f"search-{study_name}-{time.strftime('%m%d-%H%M')}",
-                           tags={**tags, **search_tags, "population.role": "parent",
-                                 "sweep_id": study_name})
-    else:
-        opened = resume_run(client, parent, tags={"resumed.overrides": tags.get("overrides", "")})
+    # workers started together on one journal open one parent: the first creates it
+    with _parent_lock(storage):
+        parent = _find_parent(client, experiment_id, study_name)
+        if parent is None:
+            opened = start_run(client, experiment_id,
+                               run_name=f"search-{study_name}-{time.strftime('%m%d-%H%M')}",
+                               tags={**tags, **search_tags, "population.role": "parent",
+                                     "sweep_id": study_name})
+        else:
+            opened = resume_run(client, parent,
+                                tags={"resumed.overrides": tags.get("overrides", "")})
+        tracker = opened.__enter__()
     told = failed = 0
-    with opened as tracker:
+    with contextlib.ExitStack() as stack:
+        stack.push(opened)  # its __exit__ ends the parent as the with-block would
         parent_id = tracker.run_id
         if parent is None:
             from .config import logged_config
@@ -421,8 +426,12 @@ def run_search(client, store, experiment_id: str, experiment_name: str, cfg: Dic
             base.population.parent_run_id = parent_id
             base.population.sweep_id = study_name
             base.population.rerun = True  # each trial is its own run, even at a seen point
-        while (remaining := s.num_trials - _counted(study)) > 0:
-            trials = [study.ask(space.distributions) for _ in range(min(s.trials_per_batch, remaining))]
+        while _counted(study) < s.num_trials:
+            trials = []
+            # counted again before each ask: a worker beside this one may have asked meanwhile
+            while len(trials) < s.trials_per_batch and (
+                    not trials or _counted(study) < s.num_trials):
+                trials.append(study.ask(space.distributions))
             worker = _worker()
             for t in trials:
                 t.set_user_attr("worker", worker)
@@ -470,7 +479,7 @@ def run_search(client, store, experiment_id: str, experiment_name: str, cfg: Dic
                         study.tell(t, state=TrialState.FAIL)
                         _retry(study, t.number)
                 with contextlib.suppress(Exception):
-                    summarize(client, experiment_id, parent_id, study)
+                    summarize(client, experiment_id, parent_id, study, metric=s.metric)
                 raise
             except BaseException:
                 for t in trials:
@@ -485,7 +494,7 @@ def run_search(client, store, experiment_id: str, experiment_name: str, cfg: Dic
                 client.log_metric(parent_id, BEST_METRIC, best.value, step=complete)
                 console.print(f"  best so far: {best.value:.6g} (trial {best.number})")
         summarize_parent(client, experiment_id, parent_id, num_groups=1)
-        summary = summarize(client, experiment_id, parent_id, study)
+        summary = summarize(client, experiment_id, parent_id, study, metric=s.metric)
     best = _best(study)
     return SearchOutcome(
         study_name=study_name, storage=storage, parent_run_id=parent_id, told=told,
@@ -493,6 +502,16 @@ def run_search(client, store, experiment_id: str, experiment_name: str, cfg: Dic
         best_params=space.decode(best.params) if best else {},
         best_run_id=summary.get("search.best_run_id"), num_trials=len(study.trials),
         num_complete=len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))))
+
+
+def _parent_lock(storage: str):
+    """A file lock beside a journal file (parallel workers on one file system); none for
+    an RDB storage, whose workers may be on several hosts."""
+    if "://" in storage:
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    return FileLock(f"{storage}.parent.lock", timeout=120)
 
 
 def _writable(cfg: DictConfig):
@@ -542,7 +561,8 @@ def _close_dead_runs(client, experiment_id: str, parent_id: str, numbers: list[i
             client.set_terminated(run.info.run_id, "KILLED")
 
 
-def summarize(client, experiment_id: str, parent_id: str, study) -> dict[str, str]:
+def summarize(client, experiment_id: str, parent_id: str, study, *,
+              metric: str = "val_loss") -> dict[str, str]:
     """Write the study's state on its parent run; returns the tags set.
 
     Tags ``search.best_trial``, ``search.best_run_id``, ``search.best.<key>`` (its
@@ -587,9 +607,11 @@ def summarize(client, experiment_id: str, parent_id: str, study) -> dict[str, st
                           optuna.visualization.matplotlib.plot_param_importances))
         for name, plot in plots:
             ax = plot(study)
+            if name == "optimization_history.png":  # "Objective Value" says nothing
+                ax.set_ylabel(f"{metric} (told to Optuna)")
             ax.figure.set_size_inches(7, 4.5)
-            ax.figure.tight_layout()
-            ax.figure.savefig(folder / name, dpi=100)
+            # Optuna draws the legend outside the axes: keep it in the file
+            ax.figure.savefig(folder / name, dpi=100, bbox_inches="tight")
             plt.close(ax.figure)
             client.log_artifact(parent_id, str(folder / name), "optuna")
     return tags
