@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 STORE  := sqlite:///$(CURDIR)/mlruns/mlflow.db
 EXPERIMENT ?= diabetes
 
-.PHONY: run test test-fast ui serve bench clean
+.PHONY: run test test-fast ui server serve bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,16 @@ test-fast: $(STAMP)
 ui: $(STAMP)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server \
 	  --backend-store-uri $(STORE) --host 127.0.0.1 --port 5000 --workers 1
+
+# The team's tracking server (README, "A tracking server for a team"): MLflow on a
+# PostgreSQL cluster in $(SERVER_DIR)/postgres (created on first use, 127.0.0.1 only),
+# artifacts in $(SERVER_DIR)/artifacts; jobs log to it with tracking.uri=http://127.0.0.1:$(SERVER_PORT).
+# SERVER_ARGS adds options, e.g. "--host 0.0.0.0 --app-name basic-auth".
+SERVER_DIR  ?= $(CURDIR)/mlruns/server
+SERVER_PORT ?= 5050
+server: $(STAMP)
+	$(PY) -m trainer.tracking_server --pg-dir $(SERVER_DIR)/postgres \
+	  --artifacts $(SERVER_DIR)/artifacts --port $(SERVER_PORT) $(SERVER_ARGS)
 
 # A run's MLflow model over HTTP on 127.0.0.1, offline: RUN=<run id> (a sweep's parent
 # serves its best member) or a models:/ URI; POST rows to http://127.0.0.1:$(PORT)/invocations

@@ -83,11 +83,19 @@ def _main(args, runs: bool) -> int:
                                     use_cache=True)
     exit_codes: list[int] = []
 
-    def task(cfg) -> None:
-        exit_codes.append(run_job(cfg, err_console))
+    # A process-based launcher (hydra/launcher=joblib) pickles this function into its
+    # workers: it holds no console (rich's holds a lock, which does not pickle) and returns
+    # the job's exit code, which reaches this process through the sweeper (JOB_EXIT_CODES;
+    # ``exit_codes`` fills only for jobs run in this process).
+    def task(cfg) -> int:
+        code = run_job(cfg, Console(stderr=True, highlight=False, soft_wrap=True))
+        exit_codes.append(code)
+        return code
 
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)()
-    return max(exit_codes, default=0)
+    from hydra_plugins.trainer_population_sweeper.population_sweeper import JOB_EXIT_CODES
+
+    return max([*exit_codes, *JOB_EXIT_CODES], default=0)
 
 
 def run_job(cfg, err_console) -> int:

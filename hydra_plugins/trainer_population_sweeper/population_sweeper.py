@@ -31,7 +31,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import OverrideType, Quote, QuotedString
-from hydra.core.utils import JobReturn
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import HydraException
 from hydra.plugins.launcher import Launcher
 from hydra.plugins.sweeper import Sweeper
@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 MEMBERS_KEY = "population.members"
 # Keys the sweeper writes into every job; a sweep that sets them itself is refused.
 SWEEPER_KEYS = (MEMBERS_KEY, "population.sweep_id", "population.parent_run_id")
+# The exit codes the jobs of this process's sweeps returned (the trainer's task returns
+# one): ``trainer.__main__`` exits with the largest, also when a launcher ran the jobs in
+# other processes (joblib), where the task's own record stays in the worker.
+JOB_EXIT_CODES: list = []
 
 
 @dataclass
@@ -219,6 +223,9 @@ class PopulationSweeper(Sweeper):
             handle.abort(err)
             raise
         handle.close(list(returns))
+        for job in returns:
+            if job.status == JobStatus.COMPLETED and isinstance(job.return_value, int):
+                JOB_EXIT_CODES.append(job.return_value)
         for job in returns:
             _ = job.return_value  # as BasicSweeper: re-raises the error of a failed job
         return [returns]
