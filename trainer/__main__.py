@@ -65,6 +65,7 @@ def _main(args, runs: bool) -> int:
     from rich.console import Console
 
     from .config import CONF_DIR, ConfigError, check_overrides, register_configs
+    from .task import JobTask
 
     err_console = Console(stderr=True, highlight=False, soft_wrap=True)
     if runs:
@@ -81,13 +82,11 @@ def _main(args, runs: bool) -> int:
     launch_id = f"{time.strftime('%H-%M-%S')}-{os.getpid()}-{secrets.token_hex(2)}"
     OmegaConf.register_new_resolver("trainer.launch_id", lambda: launch_id, replace=True,
                                     use_cache=True)
-    exit_codes: list[int] = []
-
-    def task(cfg) -> None:
-        exit_codes.append(run_job(cfg, err_console))
-
+    # A picklable object, not a closure: launchers that run jobs in other processes
+    # (joblib, submitit, Ray) pickle the task function (trainer/task.py).
+    task = JobTask()
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)()
-    return max(exit_codes, default=0)
+    return max(task.exit_codes, default=0)
 
 
 def run_job(cfg, err_console) -> int:

@@ -13,7 +13,8 @@ structural overrides plus
     population.parent_run_id='<run id>'      (when the sweep record opened a parent run)
 
 All jobs go to the configured launcher as one batch, so any Hydra launcher (basic, joblib,
-submitit) runs them. ``hydra/sweeper=basic`` gives the old behaviour: one job per point.
+submitit, Ray: trainer/conf/hydra/launcher/) runs them, one launcher job per group.
+``hydra/sweeper=basic`` gives the old behaviour: one job per point.
 
 This module is imported by Hydra's plugin scan in every Hydra application of the
 environment, so it imports only Hydra at the top; the trainer is imported when needed. It
@@ -31,7 +32,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import OverrideType, Quote, QuotedString
-from hydra.core.utils import JobReturn
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import HydraException
 from hydra.plugins.launcher import Launcher
 from hydra.plugins.sweeper import Sweeper
@@ -177,6 +178,7 @@ class PopulationSweeper(Sweeper):
         self.hydra_context: Optional[HydraContext] = None
         self.config: Optional[DictConfig] = None
         self.launcher: Optional[Launcher] = None
+        self.task_function: Optional[TaskFunction] = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
               config: DictConfig) -> None:
@@ -184,6 +186,7 @@ class PopulationSweeper(Sweeper):
 
         self.hydra_context = hydra_context
         self.config = config
+        self.task_function = task_function
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config)
 
@@ -219,6 +222,13 @@ class PopulationSweeper(Sweeper):
             handle.abort(err)
             raise
         handle.close(list(returns))
+        # A launcher that ran the jobs in other processes (joblib, submitit, Ray) leaves
+        # the task object here without their exit codes: hand it what they returned
+        # (trainer.task.JobTask; the process exits with the largest).
+        record_returns = getattr(self.task_function, "record_returns", None)
+        if record_returns is not None:
+            record_returns([job.return_value for job in returns
+                            if job.status is JobStatus.COMPLETED])
         for job in returns:
             _ = job.return_value  # as BasicSweeper: re-raises the error of a failed job
         return [returns]
