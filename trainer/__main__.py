@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -178,7 +179,9 @@ def run_job(cfg, err_console) -> int:
             "tracking_uri": store.tracking_uri, "launch_dir": str(launch_dir),
             "hydra.output_dir": hydra_cfg.runtime.output_dir, "mode": c.mode,
             "compile_cache": str(cache.path) if cache.path else cache.reason,
-            HOST_DEVICES_TAG: str(host_devices)}
+            HOST_DEVICES_TAG: str(host_devices),
+            # where the job ran: a launcher (joblib, SLURM, Ray) runs it away from the sweep
+            "host": socket.gethostname(), "pid": str(os.getpid())}
     if members is not None:
         return _population_job(client, store, experiment_id, experiment_name, cfg, members,
                                datasets, tags=tags, console=console, err_console=err_console)
