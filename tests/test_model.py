@@ -119,6 +119,29 @@ def test_classification_model_gives_labels_and_probabilities(tmp_path):
     np.testing.assert_allclose(prob, np.asarray(jax.nn.softmax(logits, axis=1)), rtol=1e-4)
 
 
+def test_logging_datasets_survives_a_racing_insert():
+    """Two jobs in parallel processes (a launcher's) log the same split at once: the second
+    insert of the dataset row breaks the store's unique key; logging once more links the
+    row the first job wrote. Any other error is raised."""
+    from mlflow.exceptions import MlflowException
+
+    class RacingClient:
+        def __init__(self, message):
+            self.message, self.calls = message, 0
+
+        def log_inputs(self, run_id, datasets):
+            self.calls += 1
+            if self.calls == 1:
+                raise MlflowException(self.message)
+
+    inputs = mlflow_model.dataset_inputs(load_dataset(TabularDataConfig(kind="diabetes"), seed=0))
+    raced = RacingClient("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.digest")
+    mlflow_model.log_datasets(raced, "run", inputs)
+    assert raced.calls == 2
+    with pytest.raises(MlflowException, match="disk I/O"):
+        mlflow_model.log_datasets(RacingClient("disk I/O error"), "run", inputs)
+
+
 def test_datasets_are_logged_as_run_inputs(tmp_path):
     dataset = load_dataset(TabularDataConfig(kind="diabetes"), seed=0)
     client, run_id = _store(tmp_path)

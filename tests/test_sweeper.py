@@ -237,6 +237,9 @@ def multirun(tmp_path, monkeypatch, hydra_restore_singletons):
                 task(cfg)
             return hydra_cfg.job.num
 
+        # as trainer.task.JobTask: the sweeper hands the task its jobs' exit codes
+        run.returned = []
+        record_job.record_returns = run.returned.extend
         hydra_ = Hydra.create_main_hydra2(
             task_name="trainer", config_search_path=create_config_search_path(f"file://{CONF_DIR}"))
         try:
@@ -278,6 +281,24 @@ def test_sweeper_launches_one_job_per_group(multirun):
     (closed,) = record.closed
     assert [r.return_value for r in closed] == [0, 1]
     assert [len(batch) for batch in returns] == [2]
+
+
+def test_sweeper_hands_the_task_every_exit_code(multirun):
+    """A launcher that runs jobs in other processes leaves the command's task object without
+    their exit codes: the sweeper passes them (trainer.task.JobTask.record_returns)."""
+    multirun("+experiment=smoke", "model.hidden=[8],[16]", "seed=0,1")
+    assert multirun.returned == [0, 1]  # record_job returns the job's number
+
+
+def test_job_task_pickles_and_keeps_exit_codes():
+    """Launchers pickle the task (cloudpickle); a job that raised counts as failed."""
+    import pickle
+
+    from trainer.task import JobTask
+
+    task = pickle.loads(pickle.dumps(JobTask()))
+    task.record_returns([0, None, 2])
+    assert task.exit_codes == [0, 1, 2]
 
 
 def test_sweep_without_parent_run_sets_no_parent(multirun):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -65,6 +66,7 @@ def _main(args, runs: bool) -> int:
     from rich.console import Console
 
     from .config import CONF_DIR, ConfigError, check_overrides, register_configs
+    from .task import JobTask
 
     err_console = Console(stderr=True, highlight=False, soft_wrap=True)
     if runs:
@@ -81,21 +83,11 @@ def _main(args, runs: bool) -> int:
     launch_id = f"{time.strftime('%H-%M-%S')}-{os.getpid()}-{secrets.token_hex(2)}"
     OmegaConf.register_new_resolver("trainer.launch_id", lambda: launch_id, replace=True,
                                     use_cache=True)
-    exit_codes: list[int] = []
-
-    # A process-based launcher (hydra/launcher=joblib) pickles this function into its
-    # workers: it holds no console (rich's holds a lock, which does not pickle) and returns
-    # the job's exit code, which reaches this process through the sweeper (JOB_EXIT_CODES;
-    # ``exit_codes`` fills only for jobs run in this process).
-    def task(cfg) -> int:
-        code = run_job(cfg, Console(stderr=True, highlight=False, soft_wrap=True))
-        exit_codes.append(code)
-        return code
-
+    # A picklable object, not a closure: launchers that run jobs in other processes
+    # (joblib, submitit, Ray) pickle the task function (trainer/task.py).
+    task = JobTask()
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(task)()
-    from hydra_plugins.trainer_population_sweeper.population_sweeper import JOB_EXIT_CODES
-
-    return max([*exit_codes, *JOB_EXIT_CODES], default=0)
+    return max(task.exit_codes, default=0)
 
 
 def run_job(cfg, err_console) -> int:
@@ -194,7 +186,9 @@ def run_job(cfg, err_console) -> int:
             "tracking_uri": store.tracking_uri, "launch_dir": str(launch_dir),
             "hydra.output_dir": hydra_cfg.runtime.output_dir, "mode": c.mode,
             "compile_cache": str(cache.path) if cache.path else cache.reason,
-            HOST_DEVICES_TAG: str(host_devices)}
+            HOST_DEVICES_TAG: str(host_devices),
+            # where the job ran: a launcher (joblib, SLURM, Ray) runs it away from the sweep
+            "host": socket.gethostname(), "pid": str(os.getpid())}
     if space is not None:
         return _search_job(client, store, experiment_id, experiment_name, cfg, space=space,
                            search_option=hydra_cfg.runtime.choices.get("search") or "search",

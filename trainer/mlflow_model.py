@@ -229,4 +229,15 @@ def log_datasets(client, run_id: str, inputs: dict) -> None:
                                        name=f"{inputs['name']}-{context}")
         entries.append(DatasetInput(data._to_mlflow_entity(),
                                     tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
-    client.log_inputs(run_id, datasets=entries)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.log_inputs(run_id, datasets=entries)
+    except MlflowException as err:
+        # Jobs in parallel processes (a launcher's) logging the same split at once: the
+        # store's get-or-create of the dataset row races, and the second insert breaks its
+        # unique key (SQLite "UNIQUE constraint failed", PostgreSQL "UniqueViolation"). The
+        # transaction was rolled back and the row now exists: once more links it.
+        if "unique" not in str(err).lower():
+            raise
+        client.log_inputs(run_id, datasets=entries)

@@ -13,7 +13,8 @@ structural overrides plus
     population.parent_run_id='<run id>'      (when the sweep record opened a parent run)
 
 All jobs go to the configured launcher as one batch, so any Hydra launcher (basic, joblib,
-submitit) runs them. ``hydra/sweeper=basic`` gives the old behaviour: one job per point.
+submitit, Ray: trainer/conf/hydra/launcher/) runs them, one launcher job per group.
+``hydra/sweeper=basic`` gives the old behaviour: one job per point.
 
 This module is imported by Hydra's plugin scan in every Hydra application of the
 environment, so it imports only Hydra at the top; the trainer is imported when needed. It
@@ -43,10 +44,6 @@ log = logging.getLogger(__name__)
 MEMBERS_KEY = "population.members"
 # Keys the sweeper writes into every job; a sweep that sets them itself is refused.
 SWEEPER_KEYS = (MEMBERS_KEY, "population.sweep_id", "population.parent_run_id")
-# The exit codes the jobs of this process's sweeps returned (the trainer's task returns
-# one): ``trainer.__main__`` exits with the largest, also when a launcher ran the jobs in
-# other processes (joblib), where the task's own record stays in the worker.
-JOB_EXIT_CODES: list = []
 
 
 @dataclass
@@ -181,6 +178,7 @@ class PopulationSweeper(Sweeper):
         self.hydra_context: Optional[HydraContext] = None
         self.config: Optional[DictConfig] = None
         self.launcher: Optional[Launcher] = None
+        self.task_function: Optional[TaskFunction] = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
               config: DictConfig) -> None:
@@ -188,6 +186,7 @@ class PopulationSweeper(Sweeper):
 
         self.hydra_context = hydra_context
         self.config = config
+        self.task_function = task_function
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config)
 
@@ -223,9 +222,13 @@ class PopulationSweeper(Sweeper):
             handle.abort(err)
             raise
         handle.close(list(returns))
-        for job in returns:
-            if job.status == JobStatus.COMPLETED and isinstance(job.return_value, int):
-                JOB_EXIT_CODES.append(job.return_value)
+        # A launcher that ran the jobs in other processes (joblib, submitit, Ray) leaves
+        # the task object here without their exit codes: hand it what they returned
+        # (trainer.task.JobTask; the process exits with the largest).
+        record_returns = getattr(self.task_function, "record_returns", None)
+        if record_returns is not None:
+            record_returns([job.return_value for job in returns
+                            if job.status is JobStatus.COMPLETED])
         for job in returns:
             _ = job.return_value  # as BasicSweeper: re-raises the error of a failed job
         return [returns]
