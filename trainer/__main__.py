@@ -339,28 +339,18 @@ def _population_job(client, store, experiment_id, experiment_name, cfg, members,
 def _search_job(client, store, experiment_id, experiment_name, cfg, *, space, search_option,
                 tags, launch_dir, console, err_console) -> int:
     """``+search=NAME``: ask, train as populations, tell (``search.run_search``)."""
-    from .config import ConfigError
-    from .loop import GradcheckFailedError
     from .report import print_search
     from .search import run_search
-    from .tracking import TrackingError
 
-    try:
-        outcome = run_search(client, store, experiment_id, experiment_name, cfg, space=space,
-                             search_option=search_option, tags=tags, launch_dir=launch_dir,
-                             console=console, err_console=err_console)
-    except ConfigError as err:
-        err_console.print(f"[bold red]config error:[/] {err}")
-        return EXIT_USAGE
-    except KeyboardInterrupt as err:
-        err_console.print(f"[bold red]stopped:[/] {str(err) or 'interrupted (Ctrl-C)'}; the "
-                          "trials in flight ended KILLED and will be asked again; continue "
-                          "the search with the same command")
-        err.reported = True
-        raise
-    except (GradcheckFailedError, ValueError, TrackingError) as err:
-        err_console.print(f"[bold red]error:[/] {err}. The batch's runs ended FAILED.")
-        return EXIT_FAILED
+    outcome, code = _guarded(lambda: run_search(
+        client, store, experiment_id, experiment_name, cfg, space=space,
+        search_option=search_option, tags=tags, launch_dir=launch_dir, console=console,
+        err_console=err_console),
+        on_stop=lambda err: "the trials in flight ended KILLED and will be asked again; "
+                            "continue the search with the same command",
+        runs="The batch's runs", err_console=err_console)
+    if code is not None:
+        return code
     print_search(console, outcome, tracking_uri=store.tracking_uri)
     return 0
 
@@ -368,28 +358,41 @@ def _search_job(client, store, experiment_id, experiment_name, cfg, *, space, se
 def _run_population(train, *, parent_run_id, store, console, err_console) -> int:
     """Run ``train()`` (a new or resumed population job), print its outcome and return
     the exit code; a stop names the command that resumes it."""
+    from .report import print_population
+
+    def on_stop(err) -> str:
+        parent = parent_run_id or getattr(err, "parent_run_id", None)
+        hint = f"; continue with: python -m trainer resume={parent}" if parent else ""
+        return f"the population's runs ended KILLED{hint}"
+
+    results, code = _guarded(train, on_stop=on_stop, runs="The population's runs",
+                             err_console=err_console)
+    if code is not None:
+        return code
+    print_population(console, results, tracking_uri=store.tracking_uri)
+    return EXIT_FAILED if any(r.failed_step is not None for r in results) else 0
+
+
+def _guarded(train, *, on_stop, runs: str, err_console):
+    """``(train(), None)``, or ``(None, exit code)`` after printing the error the user can
+    act on; Ctrl-C or SIGTERM prints ``on_stop(err)`` and goes on up (exit 130 / 143)."""
     from .config import ConfigError
     from .loop import GradcheckFailedError
-    from .report import print_population
     from .tracking import TrackingError
 
     try:
-        results = train()
-    except ConfigError as err:  # found before any run was reopened
+        return train(), None
+    except ConfigError as err:  # found before any run was (re)opened
         err_console.print(f"[bold red]config error:[/] {err}")
-        return EXIT_USAGE
+        return None, EXIT_USAGE
     except KeyboardInterrupt as err:
-        parent = parent_run_id or getattr(err, "parent_run_id", None)
-        hint = f"; continue with: python -m trainer resume={parent}" if parent else ""
         err_console.print(f"[bold red]stopped:[/] {str(err) or 'interrupted (Ctrl-C)'}; "
-                          f"the population's runs ended KILLED{hint}")
+                          f"{on_stop(err)}")
         err.reported = True
         raise
     except (GradcheckFailedError, ValueError, TrackingError) as err:
-        err_console.print(f"[bold red]error:[/] {err}. The population's runs ended FAILED.")
-        return EXIT_FAILED
-    print_population(console, results, tracking_uri=store.tracking_uri)
-    return EXIT_FAILED if any(r.failed_step is not None for r in results) else 0
+        err_console.print(f"[bold red]error:[/] {err}. {runs} ended FAILED.")
+        return None, EXIT_FAILED
 
 
 if __name__ == "__main__":
