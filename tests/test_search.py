@@ -52,6 +52,7 @@ def test_space_reads_nested_keys_and_round_trips_list_choices():
 @pytest.mark.parametrize("overrides, message", [
     (["search.metric=test_rmse"], "the test split is held out"),
     (["search.direction=up"], "minimize or maximize"),
+    (["search.direction=maximize"], "is a loss; minimize it"),
     (["search.sampler.name=cma"], "choose one of tpe, random, qmc"),
     (["search.trials_per_batch=0"], "search.trials_per_batch=0: must be greater than 0"),
     (["search.space.optim.learning_rate.low=0"], "log=true needs low > 0"),
@@ -140,6 +141,43 @@ def test_trials_of_a_dead_process_are_failed_and_asked_again(tmp_path):
     assert again.ask(space.distributions).params == dead.params
 
 
+def test_a_relaunch_asks_new_points_and_keeps_the_study_comparable(tmp_path):
+    """Optuna keeps no sampler state in the storage: each batch's sampler is seeded with
+    the trials already asked, so a relaunch (a new process, the same seed) does not ask the
+    first process's points again. A relaunch with another metric or training config is
+    refused; a widened space is not."""
+    from trainer.search import reseed
+
+    cfg = _compose("+search=lr_wd")
+    space = check_search(cfg)
+    storage = str(tmp_path / "s.journal")
+    first = open_study(cfg.search, study_name="s", storage=storage, config_hash="a")
+    reseed(first, cfg.search, storage=storage)
+    asked = [first.ask(space.distributions).params for _ in range(3)]
+    again = open_study(cfg.search, study_name="s", storage=storage, config_hash="a")
+    reseed(again, cfg.search, storage=storage)
+    later = [again.ask(space.distributions).params for _ in range(3)]
+    assert not [p for p in later if p in asked]
+    # the same seed and trials give the same points: a lone search is reproducible
+    other = open_study(cfg.search, study_name="t", storage=str(tmp_path / "t.journal"))
+    reseed(other, cfg.search, storage=str(tmp_path / "t.journal"))
+    assert [other.ask(space.distributions).params for _ in range(3)] == asked
+    with pytest.raises(ConfigError, match="holds values of search.metric=val_loss"):
+        open_study(_compose("+search=lr_wd", "search.metric=min_val_loss").search,
+                   study_name="s", storage=storage, config_hash="a")
+    with pytest.raises(ConfigError, match="another training config"):
+        open_study(cfg.search, study_name="s", storage=storage, config_hash="b")
+    wider = _compose("+search=lr_wd", "search.space.optim.learning_rate.high=0.9").search
+    assert open_study(wider, study_name="s", storage=storage, config_hash="a") is not None
+
+
+def test_multirun_with_a_search_is_refused_before_anything_runs(run_cli, tmp_path):
+    proc = run_cli("-m", "+experiment=diabetes", "+search=lr_wd")
+    assert proc.returncode == 2
+    assert "+search asks its own points: run it without -m" in proc.stderr
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "multirun").exists()
+
+
 def _study(storage: str):
     import optuna
 
@@ -187,8 +225,9 @@ def test_search_batch_is_one_program_and_child_runs_match_trials(run_cli, tmp_pa
     assert float(tags["search.best.optim.learning_rate"]) == best.params["optim.learning_rate"]
     assert parent.data.metrics["search/best_value"] == pytest.approx(best.value, rel=1e-12)
     assert tags["search.study"] == "diabetes-lr_wd"
+    # 4 trials: the history; importances need IMPORTANCE_MIN_TRIALS
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
-    assert artifacts == {"optuna/optimization_history.png", "optuna/param_importances.png"}
+    assert artifacts == {"optuna/optimization_history.png"}
 
 
 @pytest.mark.slow

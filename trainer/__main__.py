@@ -71,6 +71,8 @@ def _main(args, runs: bool) -> int:
     err_console = Console(stderr=True, highlight=False, soft_wrap=True)
     if runs:
         try:
+            if args.multirun and any(o.lstrip("+").startswith("search=") for o in args.overrides):
+                raise ConfigError("+search asks its own points: run it without -m")
             check_overrides(args.overrides)
         except ConfigError as err:
             err_console.print(f"[bold red]config error:[/] {err}")
@@ -352,6 +354,11 @@ def _search_job(client, store, experiment_id, experiment_name, cfg, *, space, se
     if code is not None:
         return code
     print_search(console, outcome, tracking_uri=store.tracking_uri)
+    if outcome.num_complete == 0 and outcome.num_trials:
+        err_console.print("[bold red]error:[/] no trial of the study completed (every one "
+                          "diverged or failed): narrow search.space (e.g. a lower "
+                          "optim.learning_rate high) or set optim.clip_norm")
+        return EXIT_FAILED
     return 0
 
 

@@ -876,7 +876,8 @@ WORKED_EXAMPLES_KEYS = ("mode", "tracking")
 def logged_config(resolved: dict) -> dict:
     """The part of a resolved config that a run's MLflow params record: what the job
     uses. Training: all of it (each group holds only its kind's keys) but ``resume``,
-    which says how the run was launched (its ``config.yaml`` keeps it).
+    which says how the run was launched (its ``config.yaml`` keeps it), and an unset
+    ``search``.
     ``mode=gradcheck``: ``WORKED_EXAMPLES_KEYS`` only."""
     if resolved.get("mode") == "gradcheck":  # no model to register either
         kept = {k: v for k, v in resolved.items() if k in WORKED_EXAMPLES_KEYS}
@@ -884,7 +885,9 @@ def logged_config(resolved: dict) -> dict:
             kept["tracking"] = {k: v for k, v in kept["tracking"].items()
                                 if k != "register_model"}
         return kept
-    return {k: v for k, v in resolved.items() if k != "resume"}
+    # a run's search is its parent's (a search's trials have none): only a search records it
+    return {k: v for k, v in resolved.items()
+            if k != "resume" and not (k == "search" and v is None)}
 
 
 # --- populations -------------------------------------------------------------------------

@@ -416,7 +416,7 @@ def print_search(console, outcome, *, tracking_uri: str) -> None:
     the study lives and how to go on (``search.SearchOutcome``)."""
     console.print(f"search {outcome.study_name!r}: {outcome.told} trial(s) told by this "
                   f"process ({outcome.failed} diverged); the study has {outcome.num_complete} "
-                  f"complete of {outcome.num_trials}")
+                  f"complete trial(s) of {outcome.num_trials} asked")
     if outcome.best_value is not None:
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in outcome.best_params.items())

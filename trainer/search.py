@@ -52,6 +52,8 @@ __all__ = ["Space", "make_space", "check_search", "study_storage", "open_study",
 METRICS = ("val_loss", "min_val_loss")
 SAMPLERS = ("tpe", "random", "qmc")
 PARAM_TYPES = ("float", "int", "categorical")
+IMPORTANCE_MIN_TRIALS = 10  # Optuna's default evaluator (PED-ANOVA in 5.1) compares the best
+                            # 10% with the rest: fewer trials give equal importances
 MAX_RETRIES = 3        # asks of one point whose processes died, before it is left FAIL
 TRIAL_TAG = "search.trial"
 STUDY_TAG = "search.study"
@@ -177,6 +179,9 @@ def check_search(cfg: DictConfig) -> Space:
                           f"{', '.join(METRICS)})")
     if s.direction not in ("minimize", "maximize"):
         raise ConfigError(f"search.direction={s.direction!r}: minimize or maximize")
+    if s.direction == "maximize":  # every metric offered is a loss
+        raise ConfigError(f"search.direction=maximize: search.metric={s.metric} is a loss; "
+                          "minimize it (the default)")
     if s.sampler.name not in SAMPLERS:
         raise ConfigError(f"search.sampler.name={s.sampler.name!r}: choose one of "
                           f"{', '.join(SAMPLERS)}")
@@ -199,11 +204,17 @@ def study_storage(search, *, study_name: str, store) -> str:
     return str(Path(store.checkpoint_root).parent / "optuna" / f"{study_name}.journal")
 
 
-def open_study(search, *, study_name: str, storage: str):
+def open_study(search, *, study_name: str, storage: str, config_hash: str | None = None):
     """Create the study, or load it when it exists (a relaunch, a parallel worker).
 
+    Args:
+      config_hash: the training config the trials start from (``tracking.config_hash`` of
+        the config without ``search`` and ``population``), kept with a new study and
+        compared on a relaunch: a study's values are comparable only under one metric and
+        one training config. The space may change (a range widened, a key added).
+
     Raises:
-      ConfigError: the study exists with another direction.
+      ConfigError: the study exists with another direction, metric or training config.
     """
     import optuna
 
@@ -215,28 +226,59 @@ def open_study(search, *, study_name: str, storage: str):
         backend = optuna.storages.JournalStorage(
             optuna.storages.journal.JournalFileBackend(storage))
     study = optuna.create_study(study_name=study_name, storage=backend,
-                                sampler=_sampler(search.sampler), direction=search.direction,
+                                sampler=_sampler(search.sampler, seed=search.sampler.seed),
+                                direction=search.direction,
                                 load_if_exists=True)
     if study.direction.name.lower() != search.direction:
         raise ConfigError(f"study {study_name!r} in {storage} was created to "
                           f"{study.direction.name.lower()}; search.direction="
                           f"{search.direction} needs another search.study_name")
+    made = study.user_attrs
+    if not made:  # a new study: what its values mean
+        study.set_user_attr("metric", search.metric)
+        study.set_user_attr("config_hash", config_hash)
+    elif made.get("metric") != search.metric or made.get("config_hash") != config_hash:
+        what = (f"search.metric={made.get('metric')}" if made.get("metric") != search.metric
+                else "another training config (a key outside search.* changed)")
+        raise ConfigError(f"study {study_name!r} in {storage} holds values of {what}; its "
+                          "trials would not compare with these: give a new search.study_name "
+                          "(or restore the study's settings to continue it)")
     return study
 
 
-def _sampler(s):
+def reseed(study, search, *, storage: str) -> None:
+    """Give the study a sampler seeded for its next batch: ``sampler.seed`` plus the
+    number of trials already asked. Optuna keeps no sampler state in the storage, so a
+    sampler seeded once per process would ask a relaunch, or a second worker, the points
+    it asked before; asks are serialised by ``_ask_lock`` for a journal file. With an RDB
+    storage (workers on several hosts, no shared lock) the worker's host and pid are
+    mixed in, so workers never draw alike."""
+    seed = search.sampler.seed
+    if search.sampler.name == "qmc":  # its sequence goes on from the study's trials already
+        return
+    if seed is not None:
+        seed += len(study.get_trials(deepcopy=False))
+        if "://" in storage:
+            import zlib
+
+            seed += zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode())
+        seed %= 2**32
+    study.sampler = _sampler(search.sampler, seed=seed)
+
+
+def _sampler(s, *, seed: int | None):
     import optuna
 
     if s.name == "tpe":
         with warnings.catch_warnings():  # constant_liar is marked experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.TPESampler(seed=s.seed, constant_liar=s.constant_liar,
+            return optuna.samplers.TPESampler(seed=seed, constant_liar=s.constant_liar,
                                               n_startup_trials=s.n_startup_trials)
     if s.name == "qmc":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.QMCSampler(seed=s.seed)
-    return optuna.samplers.RandomSampler(seed=s.seed)
+            return optuna.samplers.QMCSampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
 
 
 def _worker() -> dict[str, Any]:
@@ -387,14 +429,19 @@ def run_search(client, store, experiment_id: str, experiment_name: str, cfg: Dic
     s = to_config(cfg).search
     study_name = s.study_name or f"{experiment_name}-{search_option}"
     storage = study_storage(s, study_name=study_name, store=store)
-    study = open_study(s, study_name=study_name, storage=storage)
+    from .tracking import config_hash
+
+    training = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
+                if k not in ("search", "population", "tracking", "resume")}
+    study = open_study(s, study_name=study_name, storage=storage,
+                       config_hash=config_hash(training))
     dead = fail_dead_trials(study, stale_after_s=s.stale_after_s)
     if dead:
         console.print(f"trials {', '.join(map(str, dead))} of study {study_name!r} were left "
                       "RUNNING by a process that stopped: marked FAIL, asked again")
     search_tags = {STUDY_TAG: study_name, "search.storage": storage}
     # workers started together on one journal open one parent: the first creates it
-    with _parent_lock(storage):
+    with _lock(storage, "parent"):
         parent = _find_parent(client, experiment_id, study_name)
         if parent is None:
             opened = start_run(client, experiment_id,
@@ -428,13 +475,15 @@ def run_search(client, store, experiment_id: str, experiment_name: str, cfg: Dic
             base.population.rerun = True  # each trial is its own run, even at a seen point
         while _counted(study) < s.num_trials:
             trials = []
-            # counted again before each ask: a worker beside this one may have asked meanwhile
-            while len(trials) < s.trials_per_batch and (
-                    not trials or _counted(study) < s.num_trials):
-                trials.append(study.ask(space.distributions))
-            worker = _worker()
-            for t in trials:
-                t.set_user_attr("worker", worker)
+            with _lock(storage, "ask"):
+                reseed(study, s, storage=storage)
+                # counted again before each ask: a worker beside this one may have asked
+                while len(trials) < s.trials_per_batch and (
+                        not trials or _counted(study) < s.num_trials):
+                    trials.append(study.ask(space.distributions))
+                worker = _worker()
+                for t in trials:
+                    t.set_user_attr("worker", worker)
             points = [space.decode(t.params) for t in trials]
             first, last = trials[0].number, trials[-1].number
             console.print(f"trials {first}-{last}: {len(group_trials(points))} population(s)")
@@ -462,6 +511,9 @@ def run_search(client, store, experiment_id: str, experiment_name: str, cfg: Dic
                         value = objective_value(result, s.metric)
                         run_id = runs.get(trial.number)
                         trial.set_user_attr("mlflow_run_id", run_id)
+                        if trial.user_attrs.get("failure"):  # copied from the trial it retries
+                            trial.set_user_attr("retried_after", trial.user_attrs["failure"])
+                            trial.set_user_attr("failure", None)
                         if value is None:
                             trial.set_user_attr("failure", "diverged")
                             trial.set_user_attr("counts", True)
@@ -473,8 +525,12 @@ def run_search(client, store, experiment_id: str, experiment_name: str, cfg: Dic
                                 client.log_metric(run_id, VALUE_METRIC, value, step=0)
                         told += 1
             except KeyboardInterrupt:  # stopped: the points were not judged, ask them again
+                runs = {}
+                with contextlib.suppress(Exception):  # the KILLED runs, linked from the study
+                    runs = _trial_runs(client, experiment_id, parent_id)
                 for t in trials:
                     if _state(study, t.number) == TrialState.RUNNING:
+                        t.set_user_attr("mlflow_run_id", runs.get(t.number))
                         t.set_user_attr("failure", "stopped (Ctrl-C or SIGTERM)")
                         study.tell(t, state=TrialState.FAIL)
                         _retry(study, t.number)
@@ -504,14 +560,15 @@ def run_search(client, store, experiment_id: str, experiment_name: str, cfg: Dic
         num_complete=len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))))
 
 
-def _parent_lock(storage: str):
-    """A file lock beside a journal file (parallel workers on one file system); none for
-    an RDB storage, whose workers may be on several hosts."""
+def _lock(storage: str, what: str):
+    """A file lock beside a journal file (parallel workers on one file system): ``parent``
+    (find or open the parent run), ``ask`` (reseed and ask a batch); none for an RDB
+    storage, whose workers may be on several hosts."""
     if "://" in storage:
         return contextlib.nullcontext()
     from filelock import FileLock
 
-    return FileLock(f"{storage}.parent.lock", timeout=120)
+    return FileLock(f"{storage}.{what}.lock", timeout=120)
 
 
 def _writable(cfg: DictConfig):
@@ -568,8 +625,9 @@ def summarize(client, experiment_id: str, parent_id: str, study, *,
     Tags ``search.best_trial``, ``search.best_run_id``, ``search.best.<key>`` (its
     params), ``search.trials`` (counts by state); metric ``search/best_value`` at step
     = completed trials (a curve of the best value as the study went on); artifacts
-    ``optuna/optimization_history.png`` and, with 2+ searched keys and 4+ completed
-    trials, ``optuna/param_importances.png`` (Optuna's own matplotlib plots; fANOVA).
+    ``optuna/optimization_history.png`` and, with 2+ searched keys and
+    ``IMPORTANCE_MIN_TRIALS`` completed trials, ``optuna/param_importances.png`` (Optuna's
+    own matplotlib plots; its default importance evaluator).
     """
     import collections
 
@@ -602,7 +660,7 @@ def summarize(client, experiment_id: str, parent_id: str, study, *,
         folder = Path(tmp)
         plots = [("optimization_history.png",
                   optuna.visualization.matplotlib.plot_optimization_history)]
-        if complete >= 4 and len(best.params) >= 2:
+        if complete >= IMPORTANCE_MIN_TRIALS and len(best.params) >= 2:
             plots.append(("param_importances.png",
                           optuna.visualization.matplotlib.plot_param_importances))
         for name, plot in plots:

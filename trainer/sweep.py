@@ -189,10 +189,10 @@ def _train_members(configs: list, datasets: list, trackers: list, *, checkpoint,
             tracker.end_status = "FAILED"
     failed = sum(r.failed_step is not None for r in results)
     if failed:
+        others = "the others trained on" if failed < len(results) else "none finished"
         err_console.print(f"[bold red]diverged:[/] {failed} of {len(results)} members "
-                          "reached a NaN or infinite loss; their runs ended FAILED, "
-                          "the others trained on (try a smaller optim.learning_rate "
-                          "or set optim.clip_norm)")
+                          f"reached a NaN or infinite loss; their runs ended FAILED, {others} "
+                          "(try a smaller optim.learning_rate or set optim.clip_norm)")
     return results
 
 
