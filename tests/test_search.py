@@ -1,4 +1,4 @@
-"""Hyperparameter search (trainer/search.py): Optuna asks, populations train, Optuna is told.
+"""Hyperparameter search (trainer/search/): Optuna asks, populations train, Optuna is told.
 
 In-process tests cover the space, the checks, the grouping of a batch and the recovery of
 trials whose process died, against a real Optuna journal storage. The slow tests run the

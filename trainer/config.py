@@ -422,7 +422,7 @@ class Config:
                                        # continue it from its latest checkpoint, in the same
                                        # MLflow run; only trainer.num_steps may grow
     mode: str = "train"                # "train", or "gradcheck": the worked derivative examples
-    search: Optional[SearchConfig] = None  # +search=NAME: a hyperparameter search (search.py)
+    search: Optional[SearchConfig] = None  # +search=NAME: a hyperparameter search (trainer/search/)
 
     def __post_init__(self) -> None:
         # no default kind here: conf/config.yaml picks them (model: mlp, ...), once
