@@ -208,16 +208,22 @@ def test_C21_killed_and_stopped_run_resumes_into_the_same_run(tmp_path):
     FINISHED: one run in the store, ``resume_count`` 2, every curve point logged exactly
     once, checkpoints in ``mlruns/checkpoints/<run id>``."""
     log = tmp_path / "first.log"
+    # saves at least 3 s apart, points flushed at least once a second: after a save, the
+    # points past it reach the store before the next save (a fixed sleep raced them: under
+    # load a save came first, and no point was logged after the latest checkpoint)
     proc = start_cli(*RESUMABLE, "trainer.checkpoint_every_steps=500",
-                     "trainer.checkpoint_min_interval_s=0", cwd=tmp_path, log=log)
+                     "trainer.checkpoint_min_interval_s=3", cwd=tmp_path, log=log)
     try:
         client, run_id = wait_for_training(proc, log, tmp_path)
         folder = tmp_path / "mlruns" / "checkpoints" / run_id
         deadline = time.monotonic() + 120
-        while not any(p.name.isdigit() for p in folder.glob("*")):
+        while True:  # train on past a checkpoint: points come after it
+            steps = [int(p.name) for p in folder.glob("*") if p.name.isdigit()]
+            points = len(client.get_metric_history(run_id, "curves/train_loss"))
+            if steps and points > max(steps) // 500:
+                break
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
-        time.sleep(1.0)  # train on past the checkpoint: points come after it
     finally:
         proc.kill()
         proc.wait(timeout=60)
