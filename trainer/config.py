@@ -376,17 +376,17 @@ class SearchParamConfig:
 
 @dataclass
 class SamplerConfig:
-    name: str = "tpe"                  # "tpe", "random", "gp" or "qmc" (optuna.samplers)
+    name: str = "tpe"                  # "tpe", "random" or "qmc" (optuna.samplers)
     seed: Optional[int] = 0            # the sampler's PRNG seed (None: from the OS)
     constant_liar: bool = True         # tpe: a trial asked while others of its batch are
                                        # still running counts as a poor result, so one batch
                                        # spreads out instead of asking the same point K times
-    n_startup_trials: int = 8          # tpe / gp: random trials before the model is used
+    n_startup_trials: int = 8          # tpe: random trials before the model is used
 
 
 @dataclass
 class SearchConfig:
-    # A hyperparameter search (+search=NAME, conf/search/): Optuna asks batch_size trials,
+    # A hyperparameter search (+search=NAME, conf/search/): Optuna asks trials_per_batch trials,
     # they train as one population per structural group, their values are told back.
     space: dict[str, Any] = field(default_factory=dict)  # the searched keys, nested as in the
                                        # config, each ending in a SearchParamConfig:
@@ -397,7 +397,7 @@ class SearchConfig:
     metric: str = "val_loss"           # the value told to Optuna: "val_loss" (final
                                        # validation loss; with early stopping, that of the
                                        # model kept) or "min_val_loss" (lowest on the curve)
-    direction: str = "minimize"        # "minimize" or "maximize"
+    direction: str = "minimize"        # "minimize" (both metrics are losses: maximize is refused)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     study_name: Optional[str] = None   # None: "<experiment>-<search option>"
     storage: Optional[str] = None      # None: journal file <store folder>/optuna/<study>.journal;
@@ -518,7 +518,7 @@ def _resolve_key(dotted: str) -> Any:
             raise _unknown_key(dotted, ".".join(path + [""]), hints)
         node = hints[part]
         path.append(part)
-        if path == ["search", "space"]:  # its keys are config keys: search.check_space
+        if path == ["search", "space"]:  # its keys are config keys: search.check_search
             return Any
         if typing.get_origin(node) is typing.Union:  # Optional[SearchConfig]: its fields
             inner = [a for a in typing.get_args(node) if a is not type(None)]

@@ -55,8 +55,7 @@ def summarize(client, experiment_id: str, parent_id: str, study, *,
     """Write the study's state on its parent run; returns the tags set.
 
     Tags ``search.best_trial``, ``search.best_run_id``, ``search.best.<key>`` (its
-    params), ``search.trials`` (counts by state); metric ``search/best_value`` at step
-    = completed trials (a curve of the best value as the study went on); artifacts
+    params), ``search.trials`` (counts by state); artifacts
     ``optuna/optimization_history.png`` and, with 2+ searched keys and
     ``IMPORTANCE_MIN_TRIALS`` completed trials, ``optuna/param_importances.png`` (Optuna's
     own matplotlib plots; its default importance evaluator).
@@ -76,7 +75,6 @@ def summarize(client, experiment_id: str, parent_id: str, study, *,
         tags.update({"search.best_trial": str(best.number),
                      "search.best_run_id": str(best.user_attrs.get("mlflow_run_id")),
                      **{f"search.best.{k}": str(v) for k, v in best.params.items()}})
-        client.log_metric(parent_id, BEST_METRIC, best.value, step=complete)
     MlflowTracker(client, parent_id).set_tags(tags)
     if complete == 0:
         return tags

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..config import VMAPPABLE_KEYS, member_configs, to_config
 from .record import (BEST_METRIC, STUDY_TAG, TRIAL_TAG, VALUE_METRIC, close_dead_runs,
@@ -75,13 +75,11 @@ def run_search(client, store, experiment_id: str, experiment_name: str, cfg: Dic
     from ..config import validate
     from ..data import load_member_datasets
     from ..sweep import run_population_job, summarize_parent
-    from ..tracking import resume_run, start_run
+    from ..tracking import config_hash, resume_run, start_run
 
     s = to_config(cfg).search
     study_name = s.study_name or f"{experiment_name}-{search_option}"
     storage = study_storage(s, study_name=study_name, store=store)
-    from ..tracking import config_hash
-
     training = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
                 if k not in ("search", "population", "tracking", "resume")}
     study = open_study(s, study_name=study_name, storage=storage,
@@ -91,21 +89,18 @@ def run_search(client, store, experiment_id: str, experiment_name: str, cfg: Dic
         console.print(f"trials {', '.join(map(str, dead))} of study {study_name!r} were left "
                       "RUNNING by a process that stopped: marked FAIL, asked again")
     search_tags = {STUDY_TAG: study_name, "search.storage": storage}
-    # workers started together on one journal open one parent: the first creates it
-    with lock(storage, "parent"):
-        parent = find_parent(client, experiment_id, study_name)
-        if parent is None:
-            opened = start_run(client, experiment_id,
-                               run_name=f"search-{study_name}-{time.strftime('%m%d-%H%M')}",
-                               tags={**tags, **search_tags, "population.role": "parent",
-                                     "sweep_id": study_name})
-        else:
-            opened = resume_run(client, parent,
-                                tags={"resumed.overrides": tags.get("overrides", "")})
-        tracker = opened.__enter__()
     told = failed = 0
+    splits: dict[str, Any] = {}  # _data_key -> data.Dataset
     with contextlib.ExitStack() as stack:
-        stack.push(opened)  # its __exit__ ends the parent as the with-block would
+        # workers started together on one journal open one parent: the first creates it
+        with lock(storage, "parent"):
+            parent = find_parent(client, experiment_id, study_name)
+            tracker = stack.enter_context(start_run(
+                client, experiment_id,
+                run_name=f"search-{study_name}-{time.strftime('%m%d-%H%M')}",
+                tags={**tags, **search_tags, "population.role": "parent",
+                      "sweep_id": study_name}) if parent is None else resume_run(
+                client, parent, tags={"resumed.overrides": tags.get("overrides", "")}))
         parent_id = tracker.run_id
         if parent is None:
             from ..config import logged_config
@@ -119,7 +114,7 @@ def run_search(client, store, experiment_id: str, experiment_name: str, cfg: Dic
         close_dead_runs(client, experiment_id, parent_id, dead)
         console.print(f"search {study_name!r}: parent run {parent_id}; study in {storage}")
         base = cfg.copy()
-        with _writable(base):
+        with open_dict(base):
             base.search = None
             base.population.parent_run_id = parent_id
             base.population.sweep_id = study_name
@@ -136,12 +131,13 @@ def run_search(client, store, experiment_id: str, experiment_name: str, cfg: Dic
                 for t in trials:
                     t.set_user_attr("worker", worker)
             points = [space.decode(t.params) for t in trials]
+            groups = group_trials(points)
             first, last = trials[0].number, trials[-1].number
-            console.print(f"trials {first}-{last}: {len(group_trials(points))} population(s)")
+            console.print(f"trials {first}-{last}: {len(groups)} population(s)")
             try:
-                for structural, idx in group_trials(points):
+                for structural, idx in groups:
                     job = base.copy()
-                    with _writable(job):
+                    with open_dict(job):
                         for key, value in structural.items():
                             OmegaConf.update(job, key, value, merge=False)
                         job.population.members = [
@@ -149,8 +145,14 @@ def run_search(client, store, experiment_id: str, experiment_name: str, cfg: Dic
                             for i in idx]
                     validate(job)
                     members = member_configs(job)
-                    datasets = load_member_datasets([to_config(m) for _, m in members],
-                                                    launch_dir)
+                    configs = [to_config(m) for _, m in members]
+                    # a split depends on the data config and the seed only: load each once
+                    # per search, not once per batch
+                    keys = [_data_key(c) for c in configs]
+                    new = {k: c for k, c in zip(keys, configs) if k not in splits}
+                    splits.update(zip(new, load_member_datasets(list(new.values()),
+                                                                launch_dir)))
+                    datasets = [splits[k] for k in keys]
                     results = run_population_job(
                         client, store, experiment_id, experiment_name, job, members, datasets,
                         tags=tags, console=console, err_console=err_console,
@@ -196,7 +198,7 @@ def run_search(client, store, experiment_id: str, experiment_name: str, cfg: Dic
                         study.tell(t, state=TrialState.FAIL)
                 raise
             best = best_trial(study)
-            if best is not None:  # the parent's curve of the best value as trials complete
+            if best is not None:  # the parent's curve of the best value, once per batch
                 complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
                 client.log_metric(parent_id, BEST_METRIC, best.value, step=complete)
                 console.print(f"  best so far: {best.value:.6g} (trial {best.number})")
@@ -211,7 +213,8 @@ def run_search(client, store, experiment_id: str, experiment_name: str, cfg: Dic
         num_complete=len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))))
 
 
-def _writable(cfg: DictConfig):
-    from omegaconf import open_dict
+def _data_key(c) -> str:
+    """What a member's split depends on: its data config and its seed."""
+    import dataclasses
 
-    return open_dict(cfg)
+    return json.dumps([dataclasses.asdict(c.data), c.seed], sort_keys=True, default=str)

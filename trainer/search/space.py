@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import VMAPPABLE_KEYS, ConfigError, to_config
+from ..config import GROUPS, VMAPPABLE_KEYS, ConfigError, to_config
 
 __all__ = ["Space", "make_space", "check_search", "group_trials", "METRICS", "SAMPLERS"]
 
@@ -62,7 +62,7 @@ def make_space(space: dict, cfg: DictConfig | None = None) -> Space:
     distributions, encoded = {}, set()
     for key, p in leaves.items():
         where = f"search.space.{key}"
-        if "." not in key:
+        if key in GROUPS:  # seed, a top-level key, is searchable
             raise ConfigError(f"{where}: {key} is a config group; a search varies keys "
                               f"(e.g. {key}.<key>); run one search per {key} option")
         _resolve_key(key)

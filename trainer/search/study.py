@@ -73,12 +73,12 @@ def reseed(study, search, *, storage: str) -> None:
     """Give the study a sampler seeded for its next batch: ``sampler.seed`` plus the
     number of trials already asked. Optuna keeps no sampler state in the storage, so a
     sampler seeded once per process would ask a relaunch, or a second worker, the points
-    it asked before; asks are serialised by ``lock(storage, "ask")`` for a journal file. With an RDB
-    storage (workers on several hosts, no shared lock) the worker's host and pid are
-    mixed in, so workers never draw alike."""
-    seed = search.sampler.seed
+    it asked before; asks are serialised by ``lock(storage, "ask")`` for a journal file.
+    With an RDB storage (workers on several hosts, no shared lock) the worker's host and
+    pid are mixed in, so workers never draw alike."""
     if search.sampler.name == "qmc":  # its sequence goes on from the study's trials already
         return
+    seed = search.sampler.seed
     if seed is not None:
         seed += len(study.get_trials(deepcopy=False))
         if "://" in storage:
@@ -92,16 +92,14 @@ def reseed(study, search, *, storage: str) -> None:
 def _sampler(s, *, seed: int | None):
     import optuna
 
-    if s.name == "tpe":
-        with warnings.catch_warnings():  # constant_liar is marked experimental
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with warnings.catch_warnings():  # TPE's constant_liar and QMC are marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if s.name == "tpe":
             return optuna.samplers.TPESampler(seed=seed, constant_liar=s.constant_liar,
                                               n_startup_trials=s.n_startup_trials)
-    if s.name == "qmc":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if s.name == "qmc":
             return optuna.samplers.QMCSampler(seed=seed)
-    return optuna.samplers.RandomSampler(seed=seed)
+        return optuna.samplers.RandomSampler(seed=seed)
 
 
 def worker_identity() -> dict[str, Any]:
