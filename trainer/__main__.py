@@ -65,11 +65,19 @@ def _main(args, runs: bool) -> int:
     from omegaconf import OmegaConf
     from rich.console import Console
 
-    from .config import CONF_DIR, ConfigError, register_configs
-    from .precheck import check_command
+    err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        from .config import CONF_DIR, ConfigError, register_configs
+    except ValueError as err:  # importing JAX read a JAX_* variable it does not take
+        if "for JAX flag" not in str(err):
+            raise
+        name = str(err).rsplit(" ", 1)[-1].upper()
+        err_console.print(f"[bold red]config error:[/] {err}: fix or unset the environment "
+                          f"variable {name}")
+        return EXIT_USAGE
+    from .precheck import check_backend, check_command, check_memory
     from .task import JobTask
 
-    err_console = Console(stderr=True, highlight=False, soft_wrap=True)
     # Output folders (conf/config.yaml) end in this id, fixed for the process: Hydra's
     # ${now:%H-%M-%S} alone is shared by launches in the same second (case C18); the pid
     # separates processes on one host, the random part containers and hosts on one disk.
@@ -82,7 +90,13 @@ def _main(args, runs: bool) -> int:
             if args.multirun and any(o.lstrip("+").startswith("search=") for o in args.overrides):
                 raise ConfigError("+search asks its own points: run it without -m")
             # every job's config composed and validated: nothing runs unless all pass
-            check_command(args.overrides, multirun=args.multirun, config_name=args.config_name)
+            configs = check_command(args.overrides, multirun=args.multirun,
+                                    config_name=args.config_name)
+            # the backend as the environment asks, started here so that a GPU that is not
+            # there, or a bad XLA flag, stops the command before any run exists
+            devices = check_backend(configs[0].population.host_devices)
+            for cfg in configs:
+                check_memory(cfg, devices)
         except ConfigError as err:
             err_console.print(f"[bold red]config error:[/] {err}")
             return EXIT_USAGE
@@ -102,6 +116,7 @@ def run_job(cfg, err_console) -> int:
 
     from .config import ConfigError, member_configs, resume_config, to_config, validate
     from .data import DataError, load_member_datasets
+    from .precheck import check_backend, check_memory
     from . import compile_cache, record
     from .population import set_host_devices
     from .resume import HOST_DEVICES_TAG, find_resumable_run
@@ -156,6 +171,10 @@ def run_job(cfg, err_console) -> int:
                 cache = compile_cache.enable(c.trainer.compilation_cache_dir,
                                              on=c.trainer.compilation_cache)
                 members = member_configs(cfg) if c.population.members else None
+                # the command was checked (__main__._main); this adds the members' count
+                check_memory(cfg, check_backend(c.population.host_devices,
+                                                probe_xla_flags=False),
+                             num_members=len(members or [None]))
                 datasets = [] if c.mode != "train" else load_member_datasets(
                     [to_config(member) for _, member in members or [({}, cfg)]], launch_dir)
             finally:

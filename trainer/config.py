@@ -243,7 +243,8 @@ class AdamWOptimConfig(OptimConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.weight_decay >= 0:  # catches NaN too
-            raise ConfigError(f"optim.weight_decay={self.weight_decay}: must be >= 0")
+            raise ConfigError(f"optim.weight_decay={self.weight_decay}: must be a finite "
+                              "number >= 0")
 
 
 # Each group's kinds (the value of model.kind, data.kind, optim.name, which is also the name
@@ -923,7 +924,8 @@ def _choice(key: str, value: str, choices) -> None:
 
 def _positive(key: str, value) -> None:
     if not value > 0:  # catches NaN too
-        raise ConfigError(f"{key}={value}: must be greater than 0")
+        finite = "a finite number " if value != value else ""  # NaN
+        raise ConfigError(f"{key}={value}: must be {finite}greater than 0")
 
 
 # --- what the device takes -----------------------------------------------------------------

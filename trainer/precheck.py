@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .config import CONF_DIR, ConfigError, check_overrides, register_configs, validate
 
-__all__ = ["check_command", "job_config"]
+__all__ = ["check_command", "job_config", "check_backend", "check_memory", "estimate_bytes",
+           "num_params"]
 
 CONFIG_NAME = "config"
 
@@ -176,3 +177,155 @@ def _one_line(err: BaseException) -> str:
     lines = [line for line in text.splitlines() if line.strip()
              and not line.strip().startswith(("full_key:", "object_type=", "reference_type="))]
     return " ".join(" ".join(lines).split())
+
+
+# --- the backend and the machine's memory -----------------------------------------------
+
+# Input and output sizes of the bundled data sets (trainer/data.py); data=csv: its columns.
+DATA_SIZES = {"diabetes": (10, 1), "digits": (64, 10)}
+# Optimizer state per parameter, in copies of the params (trainer/optim.py).
+OPTIMIZER_SLOTS = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
+
+
+def check_backend(host_devices: int | None = None, *, probe_xla_flags: bool = True) -> list:
+    """Start JAX's backend as the environment asks (``JAX_PLATFORMS``, ``XLA_FLAGS``,
+    ``JAX_*`` settings) and return its devices, or say in one line why it cannot start.
+
+    Called before any run exists. (A ``JAX_*`` variable with a value JAX does not take
+    stops the import of JAX itself; ``__main__`` reports it.) ``host_devices`` (``population.host_devices``) is
+    applied first, as the job would (``population.set_host_devices``), since a started
+    backend keeps its device count. Unknown ``XLA_FLAGS`` make XLA abort the process,
+    which no handler sees: when ``XLA_FLAGS`` is set they are first tried in a child
+    process that starts only XLA's CPU client (about 0.8 s on 2 busy cores; nothing
+    when ``XLA_FLAGS`` is unset; ``probe_xla_flags=False`` skips it, for a job whose
+    command was checked already).
+
+    Raises:
+      ConfigError: naming the setting, what is available and what to do.
+    """
+    if probe_xla_flags:
+        _check_xla_flags()
+    import jax  # imported with trainer.config (a bad JAX_* value stops __main__ there)
+
+    from .population import set_host_devices
+
+    set_host_devices(host_devices)
+    try:
+        return jax.devices()
+    except (RuntimeError, AssertionError) as err:  # no such platform, no GPU, broken CUDA
+        asked = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or "(default)"
+        from jax._src import xla_bridge
+
+        known = ", ".join(sorted(xla_bridge._backend_factories)) or "cpu"
+        why = " ".join(str(err).split()) or (
+            "no device of that platform was found (for a GPU: no CUDA plugin installed, no "
+            "GPU visible, or a driver that does not start)")
+        raise ConfigError(f"JAX cannot start the backend asked for (JAX_PLATFORMS={asked}): "
+                          f"{why[:300]}. Platforms this JAX knows: {known}; run on the CPU "
+                          "with JAX_PLATFORMS=cpu, or unset JAX_PLATFORMS to use what "
+                          "starts, or fix the GPU's driver/CUDA install") from None
+
+
+def _check_xla_flags() -> None:
+    import subprocess
+    import sys
+
+    flags = os.environ.get("XLA_FLAGS", "").strip()
+    if not flags:
+        return
+    probe = "from jaxlib import xla_client; xla_client.make_cpu_client()"
+    try:
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                              timeout=120)
+    except subprocess.TimeoutExpired:
+        return  # not a flag error; the job will say what goes wrong
+    if done.returncode == 0:
+        return
+    lines = [line for line in done.stderr.splitlines() if "XLA_FLAGS" in line] or \
+        done.stderr.strip().splitlines()[-1:]
+    detail = lines[0].split("] ", 1)[-1] if lines else f"exit code {done.returncode}"
+    raise ConfigError(f"XLA_FLAGS={flags!r}: XLA refuses it and would abort the process "
+                      f"({detail}); remove that flag from XLA_FLAGS")
+
+
+def num_params(model, data) -> int:
+    """Parameters of one member (``model``, ``data``: config nodes or schemas).
+
+    The data's sizes: the bundled sets' (``DATA_SIZES``), ``data.seed_width`` in and one
+    out for data=seed, the listed feature and target columns for data=csv (at least one
+    each: an estimate from below).
+    """
+    kind = data.kind
+    if kind == "seed":
+        sizes = (int(data.seed_width), 1)
+    elif kind == "csv":
+        sizes = (max(len(data.features or []), 1), max(len(data.target or []), 1))
+    else:
+        sizes = DATA_SIZES.get(kind, (1, 1))
+    n_in, n_out = sizes
+    if model.kind == "tied":
+        width = int(model.width)
+        return (width * width + (n_in * width + width if n_in != width else 0)
+                + (width * n_out + n_out if n_out != width else 0))
+    widths = [n_in, *map(int, model.hidden), n_out]
+    if getattr(model, "tied_hidden", False) and len(widths) > 3:
+        inner = len(widths) - 3  # hidden-to-hidden layers sharing one kernel
+        return (sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+                - (inner - 1) * widths[1] * widths[1])
+    return sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+
+
+def estimate_bytes(cfg, num_members: int = 1) -> dict[str, int]:
+    """A lower bound of the memory a job takes, by part, in bytes.
+
+    ``train``: per member, float32 params, gradients, the best params kept and the
+    optimizer's state (``OPTIMIZER_SLOTS``), plus a batch's activations forward and
+    back. ``gradcheck``: the float64 random directions of the gradient check, an array
+    (num_directions, params) built on the host (gradcheck.py), when checks are on.
+    """
+    params = num_params(cfg.model, cfg.data)
+    copies = 3 + OPTIMIZER_SLOTS.get(cfg.optim.name, 2)
+    widths = [int(cfg.model.width)] * 3 if cfg.model.kind == "tied" else \
+        list(map(int, cfg.model.hidden))
+    activations = 2 * int(cfg.data.batch_size) * sum(widths)
+    out = {"train": num_members * 4 * (params * copies + activations)}
+    if cfg.gradcheck.every_steps != 0:
+        out["gradcheck"] = 8 * int(cfg.gradcheck.num_directions) * params
+    return out
+
+
+def check_memory(cfg, devices: list, num_members: int = 1) -> None:
+    """Refuse a job whose memory (``estimate_bytes``) exceeds the machine: host RAM on
+    CPU (and for the gradient check, which runs on the host), else the devices' memory.
+
+    Raises:
+      ConfigError: the estimate by part, the limit and the keys to shrink.
+    """
+    import psutil
+
+    ram = psutil.virtual_memory().total
+    parts = estimate_bytes(cfg, num_members)
+    device = devices[0] if devices else None
+    device_limit = ram
+    where = "host RAM"
+    if device is not None and device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        if stats.get("bytes_limit"):
+            device_limit = int(stats["bytes_limit"]) * len(devices)
+            where = f"{len(devices)} {device.platform} device(s)' memory"
+    size = "model.width" if cfg.model.kind == "tied" else "model.hidden"
+    checks = [("train", "training", device_limit, where,
+               f"{size}, data.batch_size or the members"),
+              ("gradcheck", "gradient check", ram, "host RAM",
+               "gradcheck.num_directions (or turn the checks off: gradcheck.every_steps=0)")]
+    for part, name, limit, place, keys in checks:
+        need = parts.get(part, 0)
+        if need > limit:
+            raise ConfigError(f"the {name} of this job needs at least {_gib(need)} "
+                              f"({num_params(cfg.model, cfg.data):,} parameters per member, "
+                              f"{num_members} member(s)); the {place} is {_gib(limit)}: "
+                              f"reduce {keys}")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
