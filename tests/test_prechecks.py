@@ -238,7 +238,7 @@ def test_issue13_item2_backend_problems_stop_before_any_run(run_cli, tmp_path, e
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("args", "expected"), [
-    (("-m", SMOKE, "seed=4294967295,0"), "sweep point 1 of 2 (seed=4294967295)"),
+    (("-m", SMOKE, "seed=4294967295,0"), "sweep point 1 of 2 (+experiment=smoke seed=4294967295)"),
     ((SMOKE, "tracking.uri=sqlite://"), "in-memory"),
     ((SMOKE, "model.hidden=[100000,100000]"), "the training of this job needs at least"),
 ], ids=["sweep-point", "in-memory-store", "memory"])

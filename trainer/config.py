@@ -243,8 +243,8 @@ class AdamWOptimConfig(OptimConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.weight_decay >= 0:  # catches NaN too
-            raise ConfigError(f"optim.weight_decay={self.weight_decay}: must be a finite "
-                              "number >= 0")
+            finite = "a finite number " if self.weight_decay != self.weight_decay else ""
+            raise ConfigError(f"optim.weight_decay={self.weight_decay}: must be {finite}>= 0")
 
 
 # Each group's kinds (the value of model.kind, data.kind, optim.name, which is also the name
@@ -941,7 +941,7 @@ SEED_MAX = INT_MAX - 1
 # a largest sensible value, past which training only overflows (weight_decay=1e30 turns the
 # params to inf at the first step) or the check means nothing (a relative tolerance > 1).
 FLOAT_MAX = {
-    "optim.learning_rate": 1e3,
+    "optim.learning_rate": 1e8,  # the divergence tests use 1e6 on purpose
     "optim.weight_decay": 1e3,
     "optim.clip_norm": 1e9,
     "model.init_scale": 1e3,

@@ -123,7 +123,7 @@ def _compose(loader, point: list[str], *, multirun: bool) -> DictConfig:
     try:
         return loader.load_configuration(config_name=CONFIG_NAME, overrides=point,
                                          run_mode=RunMode.MULTIRUN if multirun else RunMode.RUN)
-    except (HydraException, OmegaConfBaseException) as err:
+    except (HydraException, OmegaConfBaseException, AssertionError, ValueError) as err:
         raise ConfigError(f"Hydra cannot compose the config: {_one_line(err)}. Check the "
                           "group overrides (a group is chosen with group=NAME; + only adds "
                           "+experiment and +search)") from None
