@@ -57,8 +57,8 @@ def test_issue14_item11_every_derived_seed_stays_in_range():
     from trainer.config import to_config
     from trainer.data import load_dataset
 
-    (cfg,) = check_command([SMOKE, f"seed={SEED_MAX}"])
-    c = to_config(job_config(cfg))
+    (job,) = check_command([SMOKE, f"seed={SEED_MAX}"])
+    c = to_config(job_config(job.cfg))
     dataset = load_dataset(c.data, seed=c.seed)
     assert dataset.x_train.shape[0] > 0
     import jax
@@ -79,9 +79,9 @@ def test_issue14_item11_every_derived_seed_stays_in_range():
 def test_issue13_item3_3_jobs_past_the_memory_are_refused(overrides, part):
     import jax
 
-    (cfg,) = check_command(list(overrides))
+    (job,) = check_command(list(overrides))
     with pytest.raises(ConfigError) as err:
-        check_memory(job_config(cfg), jax.devices())
+        check_memory(job_config(job.cfg), jax.devices())
     assert f"the {part} of this job needs at least" in str(err.value)
     assert "GiB" in str(err.value) and "reduce" in str(err.value)
 
@@ -91,10 +91,11 @@ def test_issue13_item3_3_estimate_matches_the_failed_allocation():
     float64; the estimate gives that figure, and the smoke run itself passes."""
     import jax
 
-    (cfg,) = check_command([SMOKE, "gradcheck.num_directions=100000000"])
-    assert estimate_bytes(job_config(cfg))["gradcheck"] / 2**30 == pytest.approx(72.27, abs=0.01)
+    (job,) = check_command([SMOKE, "gradcheck.num_directions=100000000"])
+    assert estimate_bytes(job_config(job.cfg))["gradcheck"] / 2**30 == \
+        pytest.approx(72.27, abs=0.01)
     (small,) = check_command([SMOKE])
-    check_memory(job_config(small), jax.devices())
+    check_memory(job_config(small.cfg), jax.devices())
 
 
 # --- issue 13 item 3.4: Hydra's reports become one line, before anything runs -----------------
@@ -123,18 +124,40 @@ def test_issue13_item3_4_config_name_is_refused():
 
 @pytest.mark.parametrize(("overrides", "expected"), [
     (("seed=choice(0,abc)",), "seed='abc': expected an integer"),
-    (("optim.learning_rate=0.01,1e30",), "sweep point 2 of 2 (optim.learning_rate=1e+30)"),
-    (("seed=4294967295,0",), "sweep point 1 of 2 (seed=4294967295): seed=4294967295"),
+    (("optim.learning_rate=0.01,1e30",),
+     "sweep point 'optim.learning_rate=1e+30' (one of 2): optim.learning_rate=1e+30: must be"),
+    (("seed=4294967295,0",), "sweep point 'seed=4294967295' (one of 2): seed=4294967295: must"),
+    (("seed=0,1", "optim=momentum", "optim.momentum=0.5,1.5"),
+     "'optim=momentum seed=0 optim.momentum=1.5' (one of 4): optim.momentum=1.5: must lie in"),
     ((SMOKE, "optim=sgd,adamw", "optim.weight_decay=0.1,nan"), "optim.weight_decay"),
 ])
 def test_issue13_item3_4_sweep_points_are_checked_and_named(overrides, expected):
     assert expected in refused(*overrides, multirun=True)
 
 
-def test_issue13_item3_4_valid_sweep_gives_every_point():
-    configs = check_command([SMOKE, "seed=0,1,2", "optim=sgd,adam"], multirun=True)
-    assert sorted((c.optim.name, c.seed) for c in configs) == \
-        sorted((o, s) for o in ("sgd", "adam") for s in (0, 1, 2))
+def test_issue13_item3_4_valid_sweep_gives_one_job_per_population():
+    jobs = check_command([SMOKE, "seed=0,1,2", "optim=sgd,adam"], multirun=True)
+    assert sorted((j.cfg.optim.name, j.points, j.num_members) for j in jobs) == \
+        [("adam", 3, 3), ("sgd", 3, 3)]
+    basic = check_command([SMOKE, "seed=0,1", "hydra/sweeper=basic"], multirun=True)
+    assert [(j.points, j.num_members) for j in basic] == [(2, 1)]
+
+
+def test_issue13_item3_3_population_memory_counts_its_members():
+    """A population trains its members at once: a sweep of many members of a model that
+    fits alone is refused with the members' count."""
+    import jax
+    import psutil
+
+    wide = "model.hidden=[20000,20000]"  # 400M params: ~9 GiB per member with Adam
+    (alone,) = check_command([SMOKE, wide])
+    per_member = estimate_bytes(job_config(alone.cfg))["train"]
+    members = int(psutil.virtual_memory().total // per_member) + 1
+    (job,) = check_command([SMOKE, wide, f"seed=range({members})", "gradcheck.every_steps=0"],
+                           multirun=True)
+    assert job.num_members == members
+    with pytest.raises(ConfigError, match=f"{members} member"):
+        check_memory(job_config(job.cfg), jax.devices(), num_members=job.num_members)
 
 
 # --- issue 13 item 3.5: store URIs and experiment names ---------------------------------------
@@ -238,7 +261,7 @@ def test_issue13_item2_backend_problems_stop_before_any_run(run_cli, tmp_path, e
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("args", "expected"), [
-    (("-m", SMOKE, "seed=4294967295,0"), "sweep point 1 of 2 (+experiment=smoke seed=4294967295)"),
+    (("-m", SMOKE, "seed=4294967295,0"), "sweep point '+experiment=smoke seed=4294967295'"),
     ((SMOKE, "tracking.uri=sqlite://"), "in-memory"),
     ((SMOKE, "model.hidden=[100000,100000]"), "the training of this job needs at least"),
 ], ids=["sweep-point", "in-memory-store", "memory"])

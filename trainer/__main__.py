@@ -90,13 +90,13 @@ def _main(args, runs: bool) -> int:
             if args.multirun and any(o.lstrip("+").startswith("search=") for o in args.overrides):
                 raise ConfigError("+search asks its own points: run it without -m")
             # every job's config composed and validated: nothing runs unless all pass
-            configs = check_command(args.overrides, multirun=args.multirun,
-                                    config_name=args.config_name)
+            jobs = check_command(args.overrides, multirun=args.multirun,
+                                 config_name=args.config_name)
             # the backend as the environment asks, started here so that a GPU that is not
             # there, or a bad XLA flag, stops the command before any run exists
-            devices = check_backend(configs[0].population.host_devices)
-            for cfg in configs:
-                check_memory(cfg, devices)
+            devices = check_backend(jobs[0].cfg.population.host_devices)
+            for job in jobs:
+                check_memory(job.cfg, devices, num_members=job.num_members)
         except ConfigError as err:
             err_console.print(f"[bold red]config error:[/] {err}")
             return EXIT_USAGE

@@ -48,7 +48,7 @@ __all__ = ["Config", "ModelConfig", "MlpModelConfig", "TiedModelConfig", "DataCo
            "SearchConfig", "SearchParamConfig", "SamplerConfig",
            "TrainerConfig", "TrackingConfig", "GradcheckConfig", "PopulationConfig",
            "SCHEMAS", "VMAPPABLE_KEYS", "ConfigError", "CONF_DIR", "register_configs",
-           "check_overrides", "check_numbers", "validate", "to_config", "structured", "logged_config",
+           "check_overrides", "check_numbers", "check_member", "validate", "to_config", "structured", "logged_config",
            "resume_config", "RESUME_MAY_CHANGE"]
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -1068,6 +1068,39 @@ def member_configs(cfg: DictConfig) -> list[tuple[dict[str, Any], DictConfig]]:
             raise ConfigError(f"population.members[{index}]: {err}") from None
         out.append((values, member))
     return out
+
+
+def check_member(c: Config, values: dict[str, Any]) -> Config:
+    """``c`` (a validated config) with one member's ``{key: value}`` set, checked as
+    ``validate`` checks them: each key one of ``VMAPPABLE_KEYS`` that ``c``'s kinds have,
+    of the schema's type, in range. Cheap (no OmegaConf): for the many points of a sweep.
+
+    Raises:
+      ConfigError: naming the key and the fix.
+    """
+    import dataclasses
+
+    groups: dict[str, dict[str, Any]] = {}
+    seed = c.seed
+    for key, value in values.items():
+        if key not in VMAPPABLE_KEYS:
+            raise ConfigError(f"{key!r} cannot differ between members (allowed: "
+                              f"{', '.join(VMAPPABLE_KEYS)})")
+        _check_type(key, value, _resolve_key(key))
+        group, _, name = key.partition(".")
+        if key == "seed":
+            seed = value
+        elif not hasattr(getattr(c, group), name):  # optim.momentum with optim=adam
+            raise _not_for_kind(group, name, getattr(getattr(c, group), KIND_KEY[group]))
+        else:
+            groups.setdefault(group, {})[name] = None if value is None else float(value)
+    member = dataclasses.replace(c, seed=seed, **{  # each schema's __post_init__ checks
+        group: dataclasses.replace(getattr(c, group), **changes)
+        for group, changes in groups.items()})
+    check_numbers(member)
+    if member.seed < 0:
+        raise ConfigError(f"seed={member.seed}: must be >= 0")
+    return member
 
 
 def _is_schema_key(key: str) -> bool:

@@ -17,30 +17,54 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .config import CONF_DIR, ConfigError, check_overrides, register_configs, validate
+from .config import (CONF_DIR, ConfigError, check_member, check_overrides, register_configs,
+                     to_config, validate)
 
-__all__ = ["check_command", "job_config", "check_backend", "check_memory", "estimate_bytes",
+__all__ = ["Job", "check_command", "job_config", "check_backend", "check_memory", "estimate_bytes",
            "num_params"]
 
 CONFIG_NAME = "config"
 
 
+@dataclass(frozen=True)
+class Job:
+    """One job the command will launch, as checked.
+
+    Attributes:
+      cfg: its composed config, with the ``hydra`` node; in a sweep, the config of the
+        group's structural overrides (its points differ only in vmappable keys).
+      points: the sweep points it stands for (1 without ``-m``).
+      num_members: the population members it trains at once: ``points`` under the
+        population sweeper (one job per group), else 1 (one job per point).
+    """
+
+    cfg: DictConfig
+    points: int = 1
+    num_members: int = 1
+
+
 def check_command(overrides: list[str], *, multirun: bool = False,
-                  config_name: str | None = None) -> list[DictConfig]:
+                  config_name: str | None = None) -> list[Job]:
     """Check a command line as Hydra will run it, before anything runs.
+
+    Without ``-m``: the config is composed with Hydra's loader and validated
+    (``config.validate``), its output folder and store checked. With ``-m``: the sweep is
+    expanded as Hydra's sweepers expand it and grouped as the population sweeper groups
+    it (points that differ only in vmappable keys); each group is composed and validated
+    once, and each of its points checked with its own values (``config.check_member``).
 
     Args:
       overrides: the command's overrides as typed (``["+experiment=smoke", "seed=1"]``).
-      multirun: ``-m`` was given: each point of the sweep is composed and checked.
+      multirun: ``-m`` was given.
       config_name: ``--config-name`` if given (only ``config`` exists).
 
     Returns:
-      each job's composed config, with its ``hydra`` node (one per sweep point; one
-      without ``multirun``).
+      the jobs (one without ``multirun``, one per group of points with it).
 
     Raises:
       ConfigError: one line naming the key (and, in a sweep, the point) and the fix.
@@ -51,7 +75,6 @@ def check_command(overrides: list[str], *, multirun: bool = False,
                           f"{CONFIG_NAME!r}; pick an experiment with +experiment=NAME instead")
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra._internal.utils import create_config_search_path
-
     from hydra.core.utils import setup_globals
 
     register_configs()
@@ -63,33 +86,30 @@ def check_command(overrides: list[str], *, multirun: bool = False,
         cfg = _compose(loader, list(overrides), multirun=False)
         _validate_job(cfg)
         _check_output_dir(cfg, multirun=False)
-        return [cfg]
+        return [Job(cfg)]
     from hydra_plugins.trainer_population_sweeper.population_sweeper import group_points
 
     points = _points(loader, overrides)
-    # Points that differ only in vmappable keys (seed, learning rate, ...) share one
-    # composition: Hydra composes each group once (about 0.3 s each on 2 busy cores), and
-    # each point is the group's config with its own values set, as population members are.
-    configs, number = [], 0
+    jobs, first = [], True
     for group in group_points(points):
-        cfg = None
+        c = None
         for values in group.members:
-            number += 1
             point = [*group.structural, *(f"{k}={v}" for k, v in values.items())]
             try:
-                if cfg is None:
+                if c is None:
                     cfg = _compose(loader, list(group.structural), multirun=True)
-                    if number == 1:  # Hydra does not sweep its own settings: one folder
+                    if first:  # Hydra does not sweep its own settings: one folder
                         _check_output_dir(cfg, multirun=True)
-                member = cfg.copy()
-                for key, value in values.items():
-                    OmegaConf.update(member, key, value, merge=False)
-                _validate_job(member)
+                        first = False
+                    c = _validate_job(cfg)
+                check_member(c, values)
             except ConfigError as err:
-                raise ConfigError(f"sweep point {number} of {len(points)} "
-                                  f"({' '.join(point) or 'no overrides'}): {err}") from None
-            configs.append(member)
-    return configs
+                raise ConfigError(f"sweep point {' '.join(point) or 'with no overrides'!r} "
+                                  f"(one of {len(points)}): {err}") from None
+        population = cfg.hydra.runtime.choices.get("hydra/sweeper") == "population"
+        jobs.append(Job(cfg, points=len(group.members),
+                        num_members=len(group.members) if population else 1))
+    return jobs
 
 
 def job_config(cfg: DictConfig) -> DictConfig:
@@ -129,13 +149,16 @@ def _compose(loader, point: list[str], *, multirun: bool) -> DictConfig:
                           "+experiment and +search)") from None
 
 
-def _validate_job(cfg: DictConfig) -> None:
+def _validate_job(cfg: DictConfig):
+    """Validate a composed config (``config.validate``) and its store; returns it as
+    ``config.Config``."""
     from hydra.core.hydra_config import HydraConfig
 
     # the ${hydra:...} resolver reads the Hydra config of the job (hydra.main sets it again)
     HydraConfig.instance().set_config(cfg)
     job = job_config(cfg)
     validate(job)
+    c = to_config(job)
     from .tracking import StoreURIError, check_experiment_name, check_store_uri
 
     try:
@@ -145,6 +168,7 @@ def _validate_job(cfg: DictConfig) -> None:
             check_experiment_name(job.tracking.experiment_name)
     except StoreURIError as err:
         raise ConfigError(str(err)) from None
+    return c
 
 
 def _check_output_dir(cfg: DictConfig, *, multirun: bool) -> None:
@@ -295,14 +319,17 @@ def estimate_bytes(cfg, num_members: int = 1) -> dict[str, int]:
 
 
 def check_memory(cfg, devices: list, num_members: int = 1) -> None:
-    """Refuse a job whose memory (``estimate_bytes``) exceeds the machine: host RAM on
-    CPU (and for the gradient check, which runs on the host), else the devices' memory.
+    """Refuse a training job whose memory (``estimate_bytes``) exceeds the machine: host
+    RAM on CPU (and for the gradient check, which runs on the host), else the devices'
+    memory (``bytes_limit`` of each device, times the devices).
 
     Raises:
       ConfigError: the estimate by part, the limit and the keys to shrink.
     """
     import psutil
 
+    if cfg.mode != "train":  # the worked examples fix their own small sizes
+        return
     ram = psutil.virtual_memory().total
     parts = estimate_bytes(cfg, num_members)
     device = devices[0] if devices else None
