@@ -8,11 +8,9 @@ check the exit code, the one-line message and that no store was created.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
-from conftest import cli_env, store_client, all_runs
+from conftest import cli_env
 from trainer.config import INT_MAX, SEED_MAX, ConfigError, check_overrides
 from trainer.precheck import check_command, check_memory, estimate_bytes, job_config
 

@@ -800,15 +800,19 @@ def _type_name(expected) -> str:
 
 # --- checks on the composed config -------------------------------------------------------
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig) -> Config:
     """Check the composed config: every key in its schema, every value in range.
 
     The model, data and optimizer schemas check their own values when ``to_config``
     builds them (``__post_init__``); this adds the other groups and the checks that
     span groups.
 
+    Returns:
+      the config as plain dataclasses (``to_config``), interpolations resolved.
+
     Raises:
-      ConfigError: naming the key, the bad value and what is allowed.
+      ConfigError: naming the key, the bad value and what is allowed (also an
+        interpolation that does not resolve, or resolves to the wrong type).
     """
     from omegaconf.errors import OmegaConfBaseException
 
@@ -846,6 +850,7 @@ def validate(cfg: DictConfig) -> None:
                           f"than trainer.num_steps={c.trainer.num_steps}")
     if c.seed < 0:
         raise ConfigError(f"seed={c.seed}: must be >= 0")
+    return c
 
 
 def _omegaconf_error(err) -> ConfigError:

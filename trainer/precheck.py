@@ -1,13 +1,15 @@
 """The command's pre-check: every job's config composed and checked before Hydra runs.
 
 ``check_overrides`` (trainer/config.py) reads the command line alone. What it cannot see
-is found only when Hydra composes the config: a group added twice (``+model=mlp``), an
+is found only when Hydra composes the config: a group forced in (``++model=tied``), an
 interpolation that does not resolve (``seed=${oc.env:NOPE}``), a value that fails the
 schema in one point of a sweep, an output folder that cannot be made. Hydra reports
 those itself, in several lines or a traceback, after a sweep's parent run may exist.
-``check_command`` composes the config of every job (every point of a ``-m`` sweep) with
-Hydra's own loader and runs ``config.validate`` on it, so the command either passes or
-stops with one ``ConfigError`` that names the point, the key and the fix.
+``check_command`` composes the config of every job (each population of a ``-m`` sweep)
+with Hydra's own loader, runs ``config.validate`` on it and checks each sweep point's
+own values, so the command either passes or stops with one ``ConfigError`` that names
+the point, the key and the fix. ``check_backend`` and ``check_memory`` then start JAX's
+backend and compare the job's memory with the machine's, still before any run.
 
 Like ``__main__``, this is part of the entry point: it knows Hydra; the numerical core
 does not.
@@ -23,10 +25,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .config import (CONF_DIR, ConfigError, check_member, check_overrides, register_configs,
-                     to_config, validate)
+                     validate)
 
-__all__ = ["Job", "check_command", "job_config", "check_backend", "check_memory", "estimate_bytes",
-           "num_params"]
+__all__ = ["Job", "check_command", "job_config", "check_backend", "check_memory",
+           "estimate_bytes", "num_params"]
 
 CONFIG_NAME = "config"
 
@@ -87,11 +89,16 @@ def check_command(overrides: list[str], *, multirun: bool = False,
         _validate_job(cfg)
         _check_output_dir(cfg, multirun=False)
         return [Job(cfg)]
+    from hydra.errors import HydraException
     from hydra_plugins.trainer_population_sweeper.population_sweeper import group_points
 
     points = _points(loader, overrides)
+    try:
+        groups = group_points(points)
+    except HydraException as err:  # a point sets a key the sweeper writes itself
+        raise ConfigError(_one_line(err)) from None
     jobs, first = [], True
-    for group in group_points(points):
+    for group in groups:
         c = None
         for values in group.members:
             point = [*group.structural, *(f"{k}={v}" for k, v in values.items())]
@@ -157,8 +164,7 @@ def _validate_job(cfg: DictConfig):
     # the ${hydra:...} resolver reads the Hydra config of the job (hydra.main sets it again)
     HydraConfig.instance().set_config(cfg)
     job = job_config(cfg)
-    validate(job)
-    c = to_config(job)
+    c = validate(job)
     from .tracking import StoreURIError, check_experiment_name, check_store_uri
 
     try:
@@ -215,10 +221,10 @@ def check_backend(host_devices: int | None = None, *, probe_xla_flags: bool = Tr
     """Start JAX's backend as the environment asks (``JAX_PLATFORMS``, ``XLA_FLAGS``,
     ``JAX_*`` settings) and return its devices, or say in one line why it cannot start.
 
-    Called before any run exists. (A ``JAX_*`` variable with a value JAX does not take
-    stops the import of JAX itself; ``__main__`` reports it.) ``host_devices`` (``population.host_devices``) is
+    Called before any run exists. ``host_devices`` (``population.host_devices``) is
     applied first, as the job would (``population.set_host_devices``), since a started
-    backend keeps its device count. Unknown ``XLA_FLAGS`` make XLA abort the process,
+    backend keeps its device count. (A ``JAX_*`` variable with a value JAX does not take
+    stops the import of JAX itself; ``__main__`` reports it.) Unknown ``XLA_FLAGS`` make XLA abort the process,
     which no handler sees: when ``XLA_FLAGS`` is set they are first tried in a child
     process that starts only XLA's CPU client (about 0.8 s on 2 busy cores; nothing
     when ``XLA_FLAGS`` is unset; ``probe_xla_flags=False`` skips it, for a job whose
