@@ -65,19 +65,19 @@ def _main(args, runs: bool) -> int:
     from omegaconf import OmegaConf
     from rich.console import Console
 
-    from .config import CONF_DIR, ConfigError, check_overrides, register_configs
+    err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        from .config import CONF_DIR, ConfigError, register_configs
+    except ValueError as err:  # importing JAX read a JAX_* variable it does not take
+        if "for JAX flag" not in str(err):
+            raise
+        name = str(err).rsplit(" ", 1)[-1].upper()
+        err_console.print(f"[bold red]config error:[/] {err}: fix or unset the environment "
+                          f"variable {name}")
+        return EXIT_USAGE
+    from .precheck import check_backend, check_command, check_memory
     from .task import JobTask
 
-    err_console = Console(stderr=True, highlight=False, soft_wrap=True)
-    if runs:
-        try:
-            if args.multirun and any(o.lstrip("+").startswith("search=") for o in args.overrides):
-                raise ConfigError("+search asks its own points: run it without -m")
-            check_overrides(args.overrides)
-        except ConfigError as err:
-            err_console.print(f"[bold red]config error:[/] {err}")
-            return EXIT_USAGE
-    register_configs()
     # Output folders (conf/config.yaml) end in this id, fixed for the process: Hydra's
     # ${now:%H-%M-%S} alone is shared by launches in the same second (case C18); the pid
     # separates processes on one host, the random part containers and hosts on one disk.
@@ -85,6 +85,22 @@ def _main(args, runs: bool) -> int:
     launch_id = f"{time.strftime('%H-%M-%S')}-{os.getpid()}-{secrets.token_hex(2)}"
     OmegaConf.register_new_resolver("trainer.launch_id", lambda: launch_id, replace=True,
                                     use_cache=True)
+    if runs:
+        try:
+            if args.multirun and any(o.lstrip("+").startswith("search=") for o in args.overrides):
+                raise ConfigError("+search asks its own points: run it without -m")
+            # every job's config composed and validated: nothing runs unless all pass
+            jobs = check_command(args.overrides, multirun=args.multirun,
+                                 config_name=args.config_name)
+            # the backend as the environment asks, started here so that a GPU that is not
+            # there, or a bad XLA flag, stops the command before any run exists
+            devices = check_backend(jobs[0].cfg.population.host_devices)
+            for job in jobs:
+                check_memory(job.cfg, devices, num_members=job.num_members)
+        except ConfigError as err:
+            err_console.print(f"[bold red]config error:[/] {err}")
+            return EXIT_USAGE
+    register_configs()
     # A picklable object, not a closure: launchers that run jobs in other processes
     # (joblib, submitit, Ray) pickle the task function (trainer/task.py).
     task = JobTask()
@@ -100,11 +116,12 @@ def run_job(cfg, err_console) -> int:
 
     from .config import ConfigError, member_configs, resume_config, to_config, validate
     from .data import DataError, load_member_datasets
+    from .precheck import check_backend, check_memory
     from . import compile_cache, record
     from .population import set_host_devices
     from .resume import HOST_DEVICES_TAG, find_resumable_run
-    from .tracking import (TrackingError, environment_tags, get_or_create_experiment,
-                           open_store, resolve_store)
+    from .tracking import (StoreURIError, TrackingError, environment_tags,
+                           get_or_create_experiment, open_store, resolve_store)
 
     console = Console(highlight=False, soft_wrap=True)
     hydra_cfg = HydraConfig.get()
@@ -154,6 +171,10 @@ def run_job(cfg, err_console) -> int:
                 cache = compile_cache.enable(c.trainer.compilation_cache_dir,
                                              on=c.trainer.compilation_cache)
                 members = member_configs(cfg) if c.population.members else None
+                # the command was checked (__main__._main); this adds the members' count
+                check_memory(cfg, check_backend(c.population.host_devices,
+                                                probe_xla_flags=False),
+                             num_members=len(members or [None]))
                 datasets = [] if c.mode != "train" else load_member_datasets(
                     [to_config(member) for _, member in members or [({}, cfg)]], launch_dir)
             finally:
@@ -171,13 +192,16 @@ def run_job(cfg, err_console) -> int:
         err_console.print("[bold red]config error:[/] population.members needs mode=train")
         return EXIT_USAGE
 
-    store = resolve_store(c.tracking.uri, launch_dir)
     try:
+        store = resolve_store(c.tracking.uri, launch_dir)
         client = open_store(store)
         experiment_name = c.tracking.experiment_name or experiment
         experiment_id = get_or_create_experiment(
             client, store, experiment_name,
             description=record.experiment_description(experiment))
+    except StoreURIError as err:  # before any run: the URI or name cannot work
+        err_console.print(f"[bold red]config error:[/] {err}")
+        return EXIT_USAGE
     except TrackingError as err:
         err_console.print(f"[bold red]tracking error:[/] {err}")
         return EXIT_FAILED

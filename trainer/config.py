@@ -29,6 +29,7 @@ Only this module and ``__main__`` know Hydra.
 from __future__ import annotations
 
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
@@ -47,7 +48,7 @@ __all__ = ["Config", "ModelConfig", "MlpModelConfig", "TiedModelConfig", "DataCo
            "SearchConfig", "SearchParamConfig", "SamplerConfig",
            "TrainerConfig", "TrackingConfig", "GradcheckConfig", "PopulationConfig",
            "SCHEMAS", "VMAPPABLE_KEYS", "ConfigError", "CONF_DIR", "register_configs",
-           "check_overrides", "validate", "to_config", "structured", "logged_config",
+           "check_overrides", "check_numbers", "check_member", "validate", "to_config", "structured", "logged_config",
            "resume_config", "RESUME_MAY_CHANGE"]
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -242,7 +243,8 @@ class AdamWOptimConfig(OptimConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.weight_decay >= 0:  # catches NaN too
-            raise ConfigError(f"optim.weight_decay={self.weight_decay}: must be >= 0")
+            finite = "a finite number " if self.weight_decay != self.weight_decay else ""
+            raise ConfigError(f"optim.weight_decay={self.weight_decay}: must be {finite}>= 0")
 
 
 # Each group's kinds (the value of model.kind, data.kind, optim.name, which is also the name
@@ -529,16 +531,17 @@ def _resolve_key(dotted: str) -> Any:
 
 # --- checks on the command line, before Hydra composes ---------------------------------
 
-def check_overrides(overrides: list[str]) -> None:
+def check_overrides(overrides: list[str], *, multirun: bool | None = None) -> None:
     """Check command-line overrides against the schema before Hydra runs (case C11).
 
     Catches what Hydra accepts silently (``+trainer.typo=1``), what it words
     cryptically (``experiment=x`` without ``+``, an unknown experiment, a key
     misspelled, a key of another kind: ``data.path=x.csv`` without ``data=csv``) and
-    values of the wrong type, with the nearest valid name. Hydra's own settings pass:
-    ``hydra.*`` keys unchecked, ``hydra/<group>=<option>`` checked against the options
-    Hydra would find (its own, installed plugins', ours), unless ``hydra.searchpath``
-    adds places to look.
+    values of the wrong type, with the nearest valid name; with ``multirun=False`` (no
+    ``-m``), a sweep (``a=1,2``). Hydra's own settings: ``hydra.*`` keys only those of
+    ``HYDRA_KEYS`` (no ``_target_``: ``hydra.callbacks`` would call any function),
+    ``hydra/<group>=<option>`` checked against the options Hydra would find (its own,
+    installed plugins', ours), unless ``hydra.searchpath`` adds places to look.
 
     Raises:
       ConfigError: naming the override and the fix.
@@ -557,7 +560,18 @@ def check_overrides(overrides: list[str]) -> None:
     for ov in parsed:
         key = ov.key_or_group
         text = ov.input_line
+        if _is_glob(ov) and key not in (*GROUPS, "experiment", "search"):
+            raise ConfigError(f"{text!r}: glob(...) picks options of a config group "
+                              f"({', '.join((*GROUPS, 'experiment'))}); {key} is a key: give "
+                              "its value, or several with -m: key=1,2")
+        if multirun is False and ov.is_sweep_override():
+            values = ",".join(map(str, _values(ov))) or "a,b"
+            as_list = ("" if key in (*GROUPS, "experiment", "search") or key.startswith("hydra")
+                       else f", or write one list value in brackets: {key}=[{values}]")
+            raise ConfigError(f"{text!r} gives several values, a sweep: add -m to run one job "
+                              f"per value{as_list}")
         if key == "hydra" or key.startswith("hydra."):
+            _check_hydra_key(ov)
             continue
         if key.startswith("hydra/"):
             if not searchpath:
@@ -588,6 +602,29 @@ def check_overrides(overrides: list[str]) -> None:
                    if ov.key_or_group == "experiment"][-1:]:
         for name in sorted(values):
             _check_experiment_keys(name, chosen)
+
+
+# The hydra.* keys a command may set (README, "Hydra settings"): how jobs are launched and
+# swept (any key of the chosen launcher or sweeper, e.g. hydra.launcher.n_jobs), logging,
+# where outputs go, Hydra's verbosity, chdir and its config search path. Keys ending in "."
+# cover their sub-keys. Anything else is refused: hydra.callbacks.NAME._target_ would call
+# any importable function, and a typo (hydra.nope=1) would be ignored.
+HYDRA_KEYS = ("hydra.launcher.", "hydra.sweeper.", "hydra.job_logging.",
+              "hydra.hydra_logging.", "hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir",
+              "hydra.verbose", "hydra.job.chdir", "hydra.searchpath")
+
+
+def _check_hydra_key(ov) -> None:
+    key = ov.key_or_group
+    allowed = any(key == k or (k.endswith(".") and key.startswith(k)) for k in HYDRA_KEYS)
+    if "_target_" in key.split(".") and allowed:
+        raise ConfigError(f"{ov.input_line!r}: a _target_ names a function to call; choose "
+                          "a launcher or sweeper with hydra/launcher=NAME or hydra/sweeper=NAME")
+    if not allowed:
+        shown = ", ".join(k + ("*" if k.endswith(".") else "") for k in HYDRA_KEYS)
+        raise ConfigError(f"{ov.input_line!r}: {key} is not a Hydra setting this service "
+                          f"takes{_suggest(key, [k.rstrip('.') for k in HYDRA_KEYS])} "
+                          f"(allowed: {shown})")
 
 
 def _chosen_options(parsed) -> dict[str, set[str]]:
@@ -682,6 +719,12 @@ def _check_hydra_group(ov) -> None:
     _check_choices(ov, group, loader.get_group_options(group), plus=False)
 
 
+def _is_glob(ov) -> bool:
+    from hydra.core.override_parser.types import Glob
+
+    return isinstance(ov.value(), Glob)
+
+
 def _first_value(ov) -> str:
     values = list(_values(ov))
     return str(values[0]) if values else "NAME"
@@ -757,18 +800,28 @@ def _type_name(expected) -> str:
 
 # --- checks on the composed config -------------------------------------------------------
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig) -> Config:
     """Check the composed config: every key in its schema, every value in range.
 
     The model, data and optimizer schemas check their own values when ``to_config``
     builds them (``__post_init__``); this adds the other groups and the checks that
     span groups.
 
+    Returns:
+      the config as plain dataclasses (``to_config``), interpolations resolved.
+
     Raises:
-      ConfigError: naming the key, the bad value and what is allowed.
+      ConfigError: naming the key, the bad value and what is allowed (also an
+        interpolation that does not resolve, or resolves to the wrong type).
     """
-    _check_keys(cfg, "")
-    c = to_config(cfg)
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        _check_keys(cfg, "")
+        c = to_config(cfg)
+    except OmegaConfBaseException as err:  # an interpolation that does not resolve, or
+        raise _omegaconf_error(err) from None  # resolves to the wrong type
+    check_numbers(c)
     _choice("trainer.on_nonfinite", c.trainer.on_nonfinite, ("stop", "skip"))
     _choice("mode", c.mode, MODES)
     if c.trainer.patience < 0:
@@ -797,6 +850,19 @@ def validate(cfg: DictConfig) -> None:
                           f"than trainer.num_steps={c.trainer.num_steps}")
     if c.seed < 0:
         raise ConfigError(f"seed={c.seed}: must be >= 0")
+    return c
+
+
+def _omegaconf_error(err) -> ConfigError:
+    """OmegaConf's error (message, then ``full_key:`` and type lines) as one line that
+    names the key."""
+    key = getattr(err, "full_key", None)
+    message = " ".join(str(getattr(err, "msg", None) or err).split("\n")[0].split())
+    hint = ""
+    if "interpolation" in message.lower() or "Interpolation" in type(err).__name__:
+        hint = ("; an interpolation ${...} must resolve to a value of the key's type (give "
+                "the value itself, e.g. seed=1)")
+    return ConfigError(f"{key}: {message}{hint}" if key else f"{message}{hint}")
 
 
 def to_config(cfg: DictConfig) -> Config:
@@ -863,7 +929,76 @@ def _choice(key: str, value: str, choices) -> None:
 
 def _positive(key: str, value) -> None:
     if not value > 0:  # catches NaN too
-        raise ConfigError(f"{key}={value}: must be greater than 0")
+        finite = "a finite number " if value != value else ""  # NaN
+        raise ConfigError(f"{key}={value}: must be {finite}greater than 0")
+
+
+# --- what the device takes -----------------------------------------------------------------
+
+# JAX runs with jax_enable_x64 off: every integer that reaches compiled code (step counts,
+# widths, seeds, keys) is an int32 there, and a larger one stops the job inside JAX with
+# "OverflowError ... parsing an argument to a jitted computation". So every integer key
+# lies in [-INT_MAX - 1, INT_MAX]; the range checks above add their own lower bounds.
+INT_MAX = 2**31 - 1
+# The data split draws a second split with seed + 1 (data.py), which must still fit.
+SEED_MAX = INT_MAX - 1
+# Float keys: every one must be finite (NaN and inf pass a `<= 0` test); these also have
+# a largest sensible value, past which training only overflows (weight_decay=1e30 turns the
+# params to inf at the first step) or the check means nothing (a relative tolerance > 1).
+FLOAT_MAX = {
+    "optim.learning_rate": 1e8,  # the divergence tests use 1e6 on purpose
+    "optim.weight_decay": 1e3,
+    "optim.clip_norm": 1e9,
+    "model.init_scale": 1e3,
+    "gradcheck.rel_tol": 1.0,
+    "trainer.min_delta": 1e9,
+    "trainer.checkpoint_min_interval_s": 1e7,  # about 4 months
+    "search.stale_after_s": 1e9,
+}
+
+
+def check_numbers(node: Any, prefix: str = "") -> None:
+    """Check every int and float field of a schema instance (``to_config``'s output, or
+    any of its parts) against what the device takes.
+
+    Integers (also inside lists) must fit an int32 (``INT_MAX``), ``seed`` at most
+    ``SEED_MAX``; floats must be finite and at most ``FLOAT_MAX[key]`` where listed.
+    ``population.members`` and ``search.space`` are skipped: each member is validated as
+    a config of its own (``member_configs``), the space by ``search.check_search``.
+
+    Raises:
+      ConfigError: naming the key, the value and the allowed range.
+    """
+    for name in _schema_fields(type(node)):
+        key, value = f"{prefix}{name}", getattr(node, name)
+        if key in ("population.members", "search.space"):
+            continue
+        if is_dataclass(value):
+            check_numbers(value, key + ".")
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                _check_number(key, item, whole=value)
+        else:
+            _check_number(key, value)
+
+
+def _check_number(key: str, value: Any, whole: Any = None) -> None:
+    shown = f"{key}={list(whole) if whole is not None else value}"
+    if isinstance(value, bool):
+        return
+    if isinstance(value, int):
+        high = SEED_MAX if key == "seed" else INT_MAX
+        if not -INT_MAX - 1 <= value <= high:
+            why = (" (the data split also uses seed + 1)" if key == "seed" else
+                   " (integers reach the device as int32)")
+            raise ConfigError(f"{shown}: must lie in [0, {high}]{why}" if key == "seed"
+                              else f"{shown}: must be at most {high}{why}")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ConfigError(f"{shown}: must be a finite number")
+        high = FLOAT_MAX.get(key)
+        if high is not None and value > high:
+            raise ConfigError(f"{shown}: must be at most {high:g}")
 
 
 # --- what a run's params record ------------------------------------------------------------
@@ -938,6 +1073,39 @@ def member_configs(cfg: DictConfig) -> list[tuple[dict[str, Any], DictConfig]]:
             raise ConfigError(f"population.members[{index}]: {err}") from None
         out.append((values, member))
     return out
+
+
+def check_member(c: Config, values: dict[str, Any]) -> Config:
+    """``c`` (a validated config) with one member's ``{key: value}`` set, checked as
+    ``validate`` checks them: each key one of ``VMAPPABLE_KEYS`` that ``c``'s kinds have,
+    of the schema's type, in range. Cheap (no OmegaConf): for the many points of a sweep.
+
+    Raises:
+      ConfigError: naming the key and the fix.
+    """
+    import dataclasses
+
+    groups: dict[str, dict[str, Any]] = {}
+    seed = c.seed
+    for key, value in values.items():
+        if key not in VMAPPABLE_KEYS:
+            raise ConfigError(f"{key!r} cannot differ between members (allowed: "
+                              f"{', '.join(VMAPPABLE_KEYS)})")
+        _check_type(key, value, _resolve_key(key))
+        group, _, name = key.partition(".")
+        if key == "seed":
+            seed = value
+        elif not hasattr(getattr(c, group), name):  # optim.momentum with optim=adam
+            raise _not_for_kind(group, name, getattr(getattr(c, group), KIND_KEY[group]))
+        else:
+            groups.setdefault(group, {})[name] = None if value is None else float(value)
+    member = dataclasses.replace(c, seed=seed, **{  # each schema's __post_init__ checks
+        group: dataclasses.replace(getattr(c, group), **changes)
+        for group, changes in groups.items()})
+    check_numbers(member)
+    if member.seed < 0:
+        raise ConfigError(f"seed={member.seed}: must be >= 0")
+    return member
 
 
 def _is_schema_key(key: str) -> bool:

@@ -66,9 +66,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from mlflow import MlflowClient
 
-    from .tracking import resolve_store
+    from .tracking import StoreURIError, resolve_store
 
-    store = resolve_store(args.tracking_uri, Path.cwd())
+    try:
+        store = resolve_store(args.tracking_uri, Path.cwd())
+    except StoreURIError as err:  # an in-memory or unusable SQLite URI
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     db = store.tracking_uri.removeprefix("sqlite:///")
     if store.tracking_uri.startswith("sqlite:///") and not Path(db).is_file():
         print(f"error: no store at {db} (run a job first, or give --tracking-uri)",

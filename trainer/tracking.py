@@ -26,7 +26,9 @@ from . import names, signals
 __all__ = ["Store", "resolve_store", "open_store", "open_store_here", "use_store_process",
            "log_batch", "get_or_create_experiment", "start_run",
            "resume_run", "find_resumable", "metric_histories", "download_checkpoints",
-           "MlflowTracker", "Terminated", "raise_terminated", "TrackingError", "flatten_config", "environment_tags",
+           "MlflowTracker", "Terminated", "raise_terminated", "TrackingError",
+           "StoreURIError", "check_store_uri", "check_experiment_name", "artifact_folder",
+           "flatten_config", "environment_tags",
            "ui_command", "run_url", "run_op"]
 
 PARAMS_PER_BATCH = 100     # MLflow's limit of params in one log_batch call
@@ -88,6 +90,7 @@ def resolve_store(uri: str | None, launch_dir: Path) -> Store:
     taken relative to ``launch_dir``.
     """
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    check_store_uri(uri, launch_dir)
     if uri is None:
         root = (launch_dir / "mlruns").resolve()
         return Store(f"sqlite:///{root / 'mlflow.db'}", (root / "artifacts").as_uri(),
@@ -99,6 +102,82 @@ def resolve_store(uri: str | None, launch_dir: Path) -> Store:
         return Store(f"sqlite:///{db}", (db.parent / "artifacts").as_uri(),
                      db.parent / f".{db.name}.lock", db.parent / "checkpoints")
     return Store(uri, None, None, (launch_dir / "mlruns" / "checkpoints").resolve())
+
+
+class StoreURIError(TrackingError):
+    """A tracking URI or experiment name the store cannot take; found before any run."""
+
+
+# SQLite URIs whose database lives in the process's memory: the job's runs vanish with it.
+_IN_MEMORY = ("sqlite://", "sqlite:///:memory:", "sqlite:///")
+EXAMPLE_URI = "sqlite:///mlruns/mlflow.db"
+# mlflow.utils.validation.MAX_EXPERIMENT_NAME_LENGTH (tests check they agree), copied so that
+# the pre-check does not import MLflow in the job's process (it loads in the store process)
+MAX_EXPERIMENT_NAME_LENGTH = 500
+
+
+def check_store_uri(uri: str | None, launch_dir: Path) -> None:
+    """Refuse a tracking URI that cannot keep runs, before anything is opened.
+
+    ``sqlite://`` and ``sqlite:///:memory:`` are in-memory databases (the runs vanish
+    when the job ends); ``sqlite:///`` names no file; a ``sqlite:///`` path that is a
+    folder, or whose folder cannot be created, makes SQLAlchemy retry for minutes and
+    end with dozens of lines. Other schemes are the server's business (``open_store``).
+
+    Raises:
+      StoreURIError: naming the URI, the cause and a working example.
+    """
+    if uri is None or not uri.startswith("sqlite:"):
+        return
+    if uri.split("?")[0] in _IN_MEMORY or uri.startswith("sqlite:///:memory:"):
+        raise StoreURIError(f"tracking.uri={uri}: an in-memory (or unnamed) SQLite database "
+                            f"keeps no run after the job; give a file, e.g. {EXAMPLE_URI}")
+    if not uri.startswith("sqlite:///"):
+        raise StoreURIError(f"tracking.uri={uri}: a SQLite URI is sqlite:///RELATIVE/PATH.db "
+                            f"or sqlite:////ABSOLUTE/PATH.db, e.g. {EXAMPLE_URI}")
+    db = Path(uri[len("sqlite:///"):].split("?")[0])
+    db = db if db.is_absolute() else launch_dir / db
+    if db.is_dir():
+        raise StoreURIError(f"tracking.uri={uri}: {db} is a folder; name the database file "
+                            f"in it, e.g. sqlite:///{db / 'mlflow.db'}")
+    parent = db.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise StoreURIError(f"tracking.uri={uri}: cannot create the database's folder "
+                            f"{db.parent} ({parent} is not a writable folder); give a "
+                            f"writable place, e.g. {EXAMPLE_URI}")
+
+
+def check_experiment_name(name: str) -> None:
+    """MLflow's limits on an experiment name (``mlflow.utils.validation``), checked
+    before any run: at most 500 characters, not empty.
+
+    Raises:
+      StoreURIError: naming the limit.
+    """
+    if not name.strip():
+        raise StoreURIError("tracking.experiment_name is empty: give a name, or null for the "
+                            "+experiment name")
+    if len(name) > MAX_EXPERIMENT_NAME_LENGTH:
+        raise StoreURIError(f"tracking.experiment_name has {len(name)} characters; MLflow "
+                            f"takes at most {MAX_EXPERIMENT_NAME_LENGTH}: give a shorter name")
+
+
+def artifact_folder(name: str) -> str:
+    """The folder (one path segment) of experiment ``name``'s artifacts under the store's
+    artifact root. A name is a label, not a path: ``../x`` or ``a#b`` must not move the
+    artifacts out of the root or cut the URI, so a name that is not plainly safe
+    (letters, digits, ``._-``; not starting with a dot) is written with the others
+    replaced by ``_`` and a short hash of the name added, which keeps names apart that
+    differ only in such characters."""
+    import hashlib
+    import re
+
+    if re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}", name):
+        return name
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:100] or "experiment"
+    return f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
 _STORE_PROCESS = None
@@ -215,7 +294,8 @@ def get_or_create_experiment(client, store: Store, name: str, *,
     with _store_lock(store):
         found = client.get_experiment_by_name(name)
         if found is None:
-            location = f"{store.artifact_root}/{name}" if store.artifact_root else None
+            location = (f"{store.artifact_root}/{artifact_folder(name)}"
+                        if store.artifact_root else None)
             return client.create_experiment(name, artifact_location=location,
                                             tags=wanted)
         if found.lifecycle_stage == "deleted":
