@@ -156,6 +156,9 @@ class SeedDataConfig(DataConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _positive("data.seed_width", self.seed_width)
+        for key in ("seed_x_key", "seed_y_key"):  # PRNGKey seeds, as `seed` (>= 0)
+            if getattr(self, key) < 0:
+                raise ConfigError(f"data.{key}={getattr(self, key)}: must be >= 0")
 
 
 @dataclass
@@ -800,6 +803,9 @@ def _type_name(expected) -> str:
 
 # --- checks on the composed config -------------------------------------------------------
 
+MAX_MODEL_NAME_LENGTH = 256  # MLflow's registered_models.name is a VARCHAR(256)
+
+
 def validate(cfg: DictConfig) -> Config:
     """Check the composed config: every key in its schema, every value in range.
 
@@ -848,6 +854,13 @@ def validate(cfg: DictConfig) -> Config:
     if not c.optim.warmup_steps < c.trainer.num_steps:
         raise ConfigError(f"optim.warmup_steps={c.optim.warmup_steps}: must be >= 0 and less "
                           f"than trainer.num_steps={c.trainer.num_steps}")
+    if c.population.host_devices is not None and c.population.host_devices < 1:
+        raise ConfigError(f"population.host_devices={c.population.host_devices}: give 1 or "
+                          "more, or null (one per core)")
+    name = c.tracking.register_model
+    if name is not None and not 0 < len(name.strip()) <= MAX_MODEL_NAME_LENGTH:
+        raise ConfigError(f"tracking.register_model: a registered model's name has 1 to "
+                          f"{MAX_MODEL_NAME_LENGTH} characters (got {len(name)})")
     if c.seed < 0:
         raise ConfigError(f"seed={c.seed}: must be >= 0")
     return c

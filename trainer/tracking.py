@@ -111,6 +111,10 @@ class StoreURIError(TrackingError):
 # SQLite URIs whose database lives in the process's memory: the job's runs vanish with it.
 _IN_MEMORY = ("sqlite://", "sqlite:///:memory:", "sqlite:///")
 EXAMPLE_URI = "sqlite:///mlruns/mlflow.db"
+# The schemes MLflow's tracking and registry stores take (its own error lists them); a
+# database scheme may name its driver, postgresql+psycopg://.
+STORE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "file",
+                 "databricks", "databricks-uc", "uc")
 # mlflow.utils.validation.MAX_EXPERIMENT_NAME_LENGTH (tests check they agree), copied so that
 # the pre-check does not import MLflow in the job's process (it loads in the store process)
 MAX_EXPERIMENT_NAME_LENGTH = 500
@@ -127,7 +131,14 @@ def check_store_uri(uri: str | None, launch_dir: Path) -> None:
     Raises:
       StoreURIError: naming the URI, the cause and a working example.
     """
-    if uri is None or not uri.startswith("sqlite:"):
+    if uri is None:
+        return
+    scheme = uri.partition(":")[0].partition("+")[0].lower() if ":" in uri else ""
+    if scheme not in STORE_SCHEMES:
+        raise StoreURIError(f"tracking.uri={uri}: MLflow has no store for {scheme or 'a plain path'!r}"
+                            f" (it takes {', '.join(s + '://' for s in STORE_SCHEMES)}); "
+                            f"e.g. {EXAMPLE_URI} or http://HOST:PORT of a tracking server")
+    if scheme != "sqlite":
         return
     if uri.split("?")[0] in _IN_MEMORY or uri.startswith("sqlite:///:memory:"):
         raise StoreURIError(f"tracking.uri={uri}: an in-memory (or unnamed) SQLite database "
@@ -143,10 +154,22 @@ def check_store_uri(uri: str | None, launch_dir: Path) -> None:
     parent = db.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    if not parent.is_dir() or not _can_create_in(parent):
         raise StoreURIError(f"tracking.uri={uri}: cannot create the database's folder "
                             f"{db.parent} ({parent} is not a writable folder); give a "
                             f"writable place, e.g. {EXAMPLE_URI}")
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Whether this process can make a folder in ``folder``: tried, not read off the
+    permission bits (root passes ``os.access`` in /proc, where nothing can be made)."""
+    import tempfile
+
+    try:
+        tempfile.TemporaryDirectory(dir=folder, prefix=".trainer-probe-").cleanup()
+    except OSError:
+        return False
+    return True
 
 
 def check_experiment_name(name: str) -> None:

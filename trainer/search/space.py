@@ -147,7 +147,23 @@ def check_search(cfg: DictConfig) -> Space:
             raise ConfigError(f"search.{key}={getattr(s, key)}: must be greater than 0")
     if s.sampler.n_startup_trials < 0:
         raise ConfigError("search.sampler.n_startup_trials must be >= 0")
+    if s.sampler.seed is not None and s.sampler.seed < 0:  # numpy's seeds are >= 0
+        raise ConfigError(f"search.sampler.seed={s.sampler.seed}: must be >= 0, or null "
+                          "(from the OS)")
+    if s.stale_after_s is not None and not s.stale_after_s > 0:
+        raise ConfigError(f"search.stale_after_s={s.stale_after_s}: give seconds > 0, or null "
+                          "(trials of other hosts are never given up on)")
+    if s.storage is not None and "://" in s.storage:  # an RDB URL; else a journal file
+        scheme = s.storage.partition("://")[0].partition("+")[0].lower()
+        if scheme not in RDB_SCHEMES:
+            raise ConfigError(f"search.storage={s.storage}: Optuna's RDB storage takes "
+                              f"{', '.join(x + '://' for x in RDB_SCHEMES)} URLs; or give a "
+                              "journal file path")
     return make_space(OmegaConf.to_container(cfg.search.space, resolve=True), cfg)
+
+
+# SQLAlchemy dialects Optuna's RDBStorage is documented with
+RDB_SCHEMES = ("sqlite", "postgresql", "mysql", "oracle", "mssql")
 
 
 def group_trials(points: list[dict[str, Any]]) -> list[tuple[dict[str, Any], list[int]]]:
