@@ -10,11 +10,38 @@ any job failed.
 
 from __future__ import annotations
 
+import sys
+
+
+def _keep_launch_dir_out_of_imports() -> None:
+    """The launch folder holds data, not code: drop it from ``sys.path``, and keep it off
+    the path of the Python processes the job starts.
+
+    ``python -m trainer`` puts the current folder first on ``sys.path`` (the ``trainer``
+    script and ``python -P`` do not): Hydra imported every module of a ``hydra_plugins``
+    folder lying there, and a file named like a module we import (``rich.py``) shadowed
+    it. Child processes (the store process, a launcher's workers: submitit's ``python -m
+    submitit.core._submit`` scans Hydra's plugins again) get ``PYTHONSAFEPATH`` (Python
+    3.11+), which keeps their own launch folder off their path. A checkout of this package
+    run from its root keeps its folder: there it is the package.
+    """
+    import os  # loaded with the interpreter, as sys (pathlib is not: it could come from here)
+
+    here = os.path.realpath(os.getcwd())
+    if here == os.path.dirname(os.path.dirname(os.path.realpath(__file__))):
+        return
+    if sys.path and not sys.flags.safe_path and os.path.realpath(sys.path[0] or ".") == here:
+        del sys.path[0]
+    os.environ.setdefault("PYTHONSAFEPATH", "1")
+
+
+if __name__ == "__main__":  # before the imports below: none of them may come from there
+    _keep_launch_dir_out_of_imports()
+
 import os
 import secrets
 import signal
 import socket
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -27,6 +54,7 @@ EXIT_SIGTERM = 143    # 128 + SIGTERM
 
 def main() -> int:
     """Run the CLI; returns the process exit code."""
+    _keep_launch_dir_out_of_imports()  # the `trainer` script: for the processes it starts
     # MLflow 3 sends usage telemetry unless told not to; this job talks only to its store.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from hydra._internal.utils import get_args_parser

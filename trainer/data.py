@@ -9,6 +9,7 @@ is used: the scikit-learn tables ship inside the package.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,11 @@ __all__ = ["Dataset", "DataError", "load_dataset", "load_member_datasets", "DATA
 DATA_KINDS = ("seed", "diabetes", "digits", "csv")
 MAX_CLASSES = 1000        # more distinct labels than this cannot be classes of a small table
 MAX_CLASSES_SHARE = 0.5   # nor more than one class per two rows
+MAX_COLUMNS = 10_000      # columns of a CSV (digits has 64 features, MNIST 784)
+# The network, its inputs and targets are float32: a value beyond this has no float32
+# value (with data.standardize=false it would be cast to inf) and its square overflows the
+# float64 statistics near 1e154 (a column of 1e200 had its std overflow and was zeroed).
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # ~3.4e38
 
 
 class DataError(ValueError):
@@ -99,8 +105,11 @@ def load_dataset(data, *, seed: int) -> Dataset:
       seed: the run's seed; decides the split.
 
     Raises:
-      DataError: missing or malformed file, unknown column, non-numeric or missing
-        value (naming the file, column and line), or too few rows to split.
+      DataError: missing, unreadable or malformed file (not UTF-8, empty, rows longer
+        than the header, columns without a name, a name given twice, more than
+        ``MAX_COLUMNS`` columns), unknown column, a missing, non-numeric or out-of-range
+        value (beyond float32's ±3.4e38; naming the file, column, line and value), or too
+        few rows to split.
     """
     if data.kind == "seed":
         return _seed_problem(data)
@@ -217,34 +226,24 @@ def _can_stratify(y, n_holdout) -> bool:
 
 
 def _load_csv(data, seed: int) -> Dataset:
-    import pandas as pd
+    import hashlib
 
     if not data.path:
         raise DataError("data.kind=csv needs data.path=/path/to/table.csv")
     path = Path(data.path).expanduser()
-    if not path.is_file():
-        raise DataError(f"{path}: no such file (set data.path to an existing CSV file)")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: the file is empty; a CSV needs a header row and data rows") \
-            from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not a readable CSV table ({_one_line(err)})") from None
-    if len(frame) == 0:
-        raise DataError(f"{path}: the file has a header but no data rows")
-    columns = list(frame.columns)
+    raw = _read_bytes(path)
     targets = list(data.target)
     if not targets:
-        raise DataError("data.kind=csv needs data.target=[COLUMN] (the column(s) to predict); "
-                        f"{path} has columns {columns}")
+        raise DataError("data.kind=csv needs data.target=[COLUMN] (the column(s) to predict)")
+    columns, frame = _read_table(raw, path)
     features = list(data.features) if data.features else [c for c in columns if c not in targets]
+    present = set(columns)
     for col in targets + features:
-        if col not in columns:
+        if col not in present:
             hint = ""
             if len(columns) == 1 and any(d in columns[0] for d in ";\t|"):
                 hint = " (the file seems to use another delimiter; save it comma-separated)"
-            raise DataError(f"{path}: no column {col!r}; the columns are {columns}{hint}")
+            raise DataError(f"{path}: no column {col!r}; the columns are {_names(columns)}{hint}")
     overlap = set(targets) & set(features)
     if overlap:
         raise DataError(f"{path}: column(s) {sorted(overlap)} are both target and feature")
@@ -252,14 +251,16 @@ def _load_csv(data, seed: int) -> Dataset:
         raise DataError(f"{path}: no feature columns left besides the target {targets}")
     task = data.task
     if task == "auto":  # numbers are a regression target, text labels name classes
-        numeric = all(_is_numeric(frame[col]) for col in targets)
+        # by the majority of a column's cells: one stray "NaN" or "n/a" in a numeric
+        # target is a bad cell to name, not a sign that the numbers are class labels
+        numeric = all(_numeric_share(frame[col]) > 0.5 for col in targets)
         task = "regression" if numeric or len(targets) > 1 else "classification"
     if task == "classification" and len(targets) != 1:
         raise DataError(f"classification takes one target column, got {targets}")
 
-    x = np.column_stack([_numeric_column(frame, col, path) for col in features])
+    x = _numeric_block(frame, features, path)
     if task == "regression":
-        y = np.column_stack([_numeric_column(frame, col, path, target=True) for col in targets])
+        y = _numeric_block(frame, targets, path, target=True)
         class_names: tuple[str, ...] = ()
     else:
         labels = frame[targets[0]].str.strip()
@@ -280,36 +281,155 @@ def _load_csv(data, seed: int) -> Dataset:
                 f"{len(labels)} rows: too many to be classes (at most {MAX_CLASSES}, and at "
                 f"most one per {int(1 / MAX_CLASSES_SHARE)} rows); for a numeric target use "
                 "data.task=regression")
-    import hashlib
-
-    source = f"{path.resolve()} (sha256 {hashlib.sha256(path.read_bytes()).hexdigest()})"
+    source = f"{path.resolve()} (sha256 {hashlib.sha256(raw).hexdigest()})"
     return _split(path.stem, task, x, y, tuple(features), tuple(targets), class_names, data,
                   seed, source=source)
 
 
-def _is_numeric(column) -> bool:
+def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, or a DataError saying why they cannot be read."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file (set data.path to an existing CSV file)") \
+            from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not a file (set data.path to the CSV file "
+                        "itself)") from None
+    except OSError as err:  # no permission, a broken mount: the OS names the cause
+        raise DataError(f"{path}: cannot read the file ({err.strerror or err}); make it "
+                        "readable by this user (chmod) or copy it where it is") from None
+
+
+def _read_table(raw: bytes, path: Path) -> tuple[list[str], object]:
+    """Parse the CSV text: ``(column names, DataFrame of the data rows as str)``.
+
+    The header is read as a row of its own (``header=None``) so that pandas neither
+    renames a repeated name (a second ``y`` would become a feature ``y.1``) nor takes
+    the first column as an index when every data row is one field longer than the header.
+
+    Raises:
+      DataError: not UTF-8, empty, no data rows, a row longer than the header, a column
+        without a name or with the name of another, more than ``MAX_COLUMNS`` columns.
+    """
+    import csv
+    import io
+
+    import pandas as pd
+
+    try:
+        text = raw.decode("utf-8-sig")  # a spreadsheet's byte-order mark is not a name
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02x} at line {line});"
+                        " save the table as a UTF-8 CSV file") from None
+    # the width first, with the csv module: pandas takes ~45 s to read a 200 000-field row
+    width = next((len(row) for row in csv.reader(io.StringIO(text)) if row), 0)
+    if width > MAX_COLUMNS:
+        raise DataError(f"{path}: {width} columns, more than the {MAX_COLUMNS} a table may "
+                        f"have; keep only the columns to use (at most {MAX_COLUMNS}) in the file")
+    try:
+        frame = pd.read_csv(io.StringIO(text), header=None, dtype=str, keep_default_na=False,
+                            skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the file is empty; a CSV needs a header row and data rows") \
+            from None
+    except pd.errors.ParserError as err:
+        fields = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(err))
+        if fields:
+            expected, line, saw = fields.groups()
+            raise DataError(f"{path}: line {line} has {saw} fields, the header {expected}; "
+                            "give every row as many fields as the header (quote a value that "
+                            "holds a comma)") from None
+        raise DataError(f"{path}: not a readable CSV table ({_one_line(err)})") from None
+    columns = [str(name).strip() for name in frame.iloc[0]]
+    unnamed = [i + 1 for i, name in enumerate(columns) if not name]
+    if unnamed:
+        raise DataError(f"{path}: column(s) {_names(unnamed)} (counting from 1) have no name in "
+                        "the header; name them, or drop them (a pandas index saved by to_csv: "
+                        "write the table with index=False)")
+    seen: dict[str, list[int]] = {}
+    for i, name in enumerate(columns):
+        seen.setdefault(name, []).append(i + 1)
+    repeated = [f"{name!r} at columns {where}" for name, where in seen.items() if len(where) > 1]
+    if repeated:
+        listed = "; ".join(repeated[:10]) + (f"; {len(repeated) - 10} more" if len(repeated) > 10
+                                             else "")
+        raise DataError(f"{path}: the header names a column more than once ({listed}); give "
+                        "each column its own name")
+    if len(frame) < 2:
+        raise DataError(f"{path}: the file has a header but no data rows")
+    frame = frame.iloc[1:].reset_index(drop=True)
+    frame.columns = columns
+    return columns, frame
+
+
+def _names(columns: list, limit: int = 20) -> str:
+    """A list for a one-line message: the first ``limit`` items and the count of the rest."""
+    if len(columns) <= limit:
+        return str(columns)
+    return f"{columns[:limit]} and {len(columns) - limit} more"
+
+
+def _numeric_share(column) -> float:
+    """The share of a column's non-empty cells that are finite numbers (1.0: all)."""
     import pandas as pd
 
     raw = column.str.strip()
     filled = raw[raw != ""]
-    return bool(pd.to_numeric(filled, errors="coerce").notna().all())
+    if filled.empty:
+        return 1.0
+    return float(np.isfinite(pd.to_numeric(filled, errors="coerce").to_numpy(np.float64)).mean())
 
 
-def _numeric_column(frame, col: str, path: Path, *, target: bool = False) -> np.ndarray:
+def _numeric_block(frame, cols: list[str], path: Path, *, target: bool = False) -> np.ndarray:
+    """Columns ``cols`` as an ``(N, len(cols))`` float64 array; every value a number the
+    float32 network can hold (``|v| <= FLOAT32_MAX``).
+
+    Raises:
+      DataError: the first bad cell of the first column that has one: missing, not a
+        number, or beyond float32's range, naming its column, line and value.
+    """
     import pandas as pd
 
-    raw = frame[col].str.strip()
+    n = len(frame)
+    # one conversion for the whole block: per column, 10 000 columns took ~20 s
+    raw = pd.Series(frame[cols].to_numpy().ravel(order="F")).str.strip()
     values = pd.to_numeric(raw, errors="coerce").to_numpy(np.float64)
-    bad = np.flatnonzero(~np.isfinite(values))
-    if bad.size:
-        row = bad[0]
-        what = "missing value" if raw.iloc[row] == "" else f"non-numeric value {raw.iloc[row]!r}"
-        fix = ("for class labels set data.task=classification" if target and raw.iloc[row]
-               else "or leave the column out with data.features" if not target else "")
+    bad = ~(np.abs(values) <= FLOAT32_MAX)  # NaN (missing, text) and inf too
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        col, row = cols[first // n], first % n
+        cell = raw.iloc[first]
+        in_col = int(bad[first // n * n:(first // n + 1) * n].sum())
+        value = values[first]
+        if cell == "":
+            what, fix = "missing value", ""
+        elif np.isnan(value) and _parses_as_nan(cell):
+            what, fix = f"missing value {cell!r} (not a number)", ""
+        elif np.isnan(value):
+            what = f"non-numeric value {cell!r}"
+            fix = "for class labels set data.task=classification" if target else ""
+        elif cell.lstrip("+-").lower() in ("inf", "infinity"):
+            what, fix = f"infinite value {cell!r}", ""
+        else:
+            what = (f"value {cell!r} beyond the float32 range the network computes in "
+                    f"(magnitude at most {FLOAT32_MAX:.3g})")
+            fix = "rescale the column (other units, or its logarithm)"
+        if not target:
+            fix = f"{fix}, or leave it out with data.features" if fix else \
+                "or leave the column out with data.features"
         raise DataError(f"{path}: {what} in column {col!r} at line {row + 2} (line 1 is the "
-                        f"header); {bad.size} such row(s) in that column. Fix or drop those rows"
+                        f"header); {in_col} such row(s) in that column. Fix or drop those rows"
                         + (f"; {fix}" if fix else ""))
-    return values
+    return values.reshape(len(cols), n).T
+
+
+def _parses_as_nan(cell: str) -> bool:
+    try:
+        return np.isnan(float(cell))
+    except ValueError:
+        return False
 
 
 def _natural_key(label: str):
