@@ -1,0 +1,342 @@
+"""Signals and store faults end to end: the CLI in a subprocess, real signals, a second
+process holding SQLite's exclusive lock, small filesystems and read-only mounts.
+
+A run's end must be true whatever comes (issues 13 and 14): no run left RUNNING that the
+job said it closed, one message naming the cause, and no metric point lost (the points a
+store refuses go to a spill file that the next job on the store loads into the run).
+
+Small disks are tmpfs mounts and read-only stores read-only bind mounts: both need root
+(``mount``); as another user, chmod makes a store read-only and the disk tests cannot
+make a small filesystem, so they say so and stop (``needs_mount``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, all_runs, cli_env, store_client
+from test_cli import LONG_RUN, SMOKE, finish, start_cli, wait_for_training
+
+LOCKER = """
+import sqlite3, sys, time
+con = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=60)
+con.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+con.execute("COMMIT")
+"""
+
+
+def hold_lock(db: Path, seconds: float) -> subprocess.Popen:
+    """A second process holding ``BEGIN EXCLUSIVE`` on ``db`` for ``seconds``; returns once
+    it holds the lock."""
+    proc = subprocess.Popen([sys.executable, "-c", LOCKER, str(db), str(seconds)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def can_mount() -> bool:
+    return os.geteuid() == 0
+
+
+needs_mount = pytest.mark.skipif(not can_mount(), reason="a small filesystem needs root "
+                                                         "(mount -t tmpfs)")
+
+
+@contextlib.contextmanager
+def mounted(target: Path, *args: str):
+    """``mount ARGS target`` for the block (tmpfs or a bind mount), unmounted after."""
+    target.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", *args, str(target)], check=True)
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+def steps_of(client, run_id: str, key: str = "curves/train_loss") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def assert_no_gap(steps: list[int]) -> None:
+    """Every logged step from the first to the last is there: no point lost."""
+    assert steps, "no point"
+    every = steps[1] - steps[0] if len(steps) > 1 else 1
+    missing = sorted(set(range(steps[0], steps[-1] + 1, every)) - set(steps))
+    assert not missing, f"{len(missing)} points lost, first {missing[:5]}"
+
+
+def child_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The CLI's environment with its own temporary folder (to find leftovers) and spill
+    folder."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir(exist_ok=True)
+    return cli_env(TMPDIR=str(tmp), TRAINER_SPILL_DIR=str(tmp_path / "spill"), **extra)
+
+
+def leftovers(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in (tmp_path / "tmp").glob("trainer-*"))
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+# --- signals ----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_issue13_item8_ctrl_c_twice_then_sigterm_while_closing(tmp_path):
+    """Ctrl-C, Ctrl-C again 0.2 s later, then SIGTERM while the run closes: the run ends
+    KILLED as the console says, the points stay, no temporary folder is left."""
+    log = tmp_path / "cli.log"
+    proc = start_cli(SMOKE, *LONG_RUN, cwd=tmp_path, log=log, env=child_env(tmp_path))
+    try:
+        client, run_id = wait_for_training(proc, log, tmp_path)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.4)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        returncode = proc.wait(timeout=60)
+    finally:
+        stop(proc)
+    output = log.read_text()
+    assert returncode == 130, output
+    assert f"run {run_id} ended KILLED" in output
+    assert "Traceback" not in output, output
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED", output
+    assert run.data.tags["error"] == "interrupted (Ctrl-C)"
+    assert_no_gap(steps_of(client, run_id))
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["final_params", "net.npz"])
+def test_issue13_item9_sigterm_in_final_phase(tmp_path, moment):
+    """SIGTERM as the final phase writes the params checkpoint (orbax) or the model file:
+    one message, the run ends KILLED, no temporary folder is left. The moment is the file
+    appearing in the run's temporary folder."""
+    log = tmp_path / "cli.log"
+    proc = start_cli(SMOKE, "trainer.num_steps=3000", cwd=tmp_path, log=log,
+                     env=child_env(tmp_path))
+    try:
+        deadline = time.monotonic() + 180
+        while not list((tmp_path / "tmp").glob(f"trainer-*/{moment}*")):
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        returncode = proc.wait(timeout=60)
+    finally:
+        stop(proc)
+    output = log.read_text()
+    assert returncode == 143, output
+    assert "Traceback" not in output and "Errno" not in output, output
+    assert output.count("stopped:") == 1, output
+    (run,) = all_runs(store_client(tmp_path))
+    assert run.info.status == "KILLED", output
+    assert f"run {run.info.run_id} ended KILLED" in output
+    assert leftovers(tmp_path) == []
+
+
+# --- a store that stops taking writes ---------------------------------------------------------
+
+@pytest.mark.slow
+def test_issue14_item1_store_locked_mid_run_keeps_every_point(tmp_path):
+    """Another process holds the store's exclusive lock for 12 s mid-run (SQLite itself
+    waits 5 s): the job waits for it, writes the buffered points once it is free and goes
+    on; no point is lost."""
+    log = tmp_path / "cli.log"
+    proc = start_cli(SMOKE, *LONG_RUN, cwd=tmp_path, log=log, env=child_env(tmp_path))
+    try:
+        client, run_id = wait_for_training(proc, log, tmp_path)
+        locker = hold_lock(tmp_path / "mlruns" / "mlflow.db", 12)
+        locked_at = max(steps_of(client, run_id))
+        assert locker.wait(timeout=60) == 0
+        deadline = time.monotonic() + 60
+        while max(steps_of(client, run_id)) <= locked_at + 50_000:  # trained on after it
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        returncode = proc.wait(timeout=60)
+    finally:
+        stop(proc)
+    output = log.read_text()
+    assert returncode == 130, output
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert_no_gap(steps_of(client, run_id))
+
+
+@pytest.mark.slow
+def test_issue13_item11_store_locked_at_start_waits(tmp_path):
+    """A store held under an exclusive lock for 10 s when the job starts: the job waits
+    (``TRAINER_STORE_BUSY_WAIT_S``, 120 s by default) and finishes."""
+    first = finish(start_cli(SMOKE, "trainer.num_steps=20", cwd=tmp_path))
+    assert first[0] == 0, first
+    locker = hold_lock(tmp_path / "mlruns" / "mlflow.db", 10)
+    code, out, err = finish(start_cli(SMOKE, "trainer.num_steps=20", cwd=tmp_path))
+    assert locker.wait(timeout=30) == 0
+    assert code == 0, out + err
+    assert sorted(r.info.status for r in all_runs(store_client(tmp_path))) == ["FINISHED"] * 2
+
+
+def read_only_store(tmp_path: Path):
+    """How to make the store read-only mid-run: a read-only bind remount as root (chmod
+    does not stop root), chmod of the file and its folder otherwise."""
+    store = tmp_path / "store"
+    if can_mount():
+        source = tmp_path / "store-src"
+        source.mkdir()
+        ctx = mounted(store, "--bind", str(source))
+
+        def freeze():
+            subprocess.run(["mount", "-o", "remount,ro,bind", str(store)], check=True)
+
+        def thaw():
+            subprocess.run(["mount", "-o", "remount,rw,bind", str(store)], check=True)
+    else:
+        store.mkdir()
+        ctx = contextlib.nullcontext(store)
+
+        def freeze():
+            for p in store.rglob("*"):
+                p.chmod(p.stat().st_mode & ~0o222)
+            store.chmod(0o555)
+
+        def thaw():
+            store.chmod(0o755)
+            for p in store.rglob("*"):
+                p.chmod(p.stat().st_mode | 0o200)
+    return ctx, freeze, thaw
+
+
+@pytest.mark.slow
+def test_issue13_item10_store_read_only_mid_run(tmp_path):
+    """The store becomes read-only mid-run: one message (read-only, what was kept, the next
+    job closes the run), exit 1, the points written before stay; the next job on the
+    writable store loads the spilled points (none lost) and ends the run FAILED."""
+    ctx, freeze, thaw = read_only_store(tmp_path)
+    with ctx as store:
+        uri = f"tracking.uri=sqlite:///{store / 'mlflow.db'}"
+        log = tmp_path / "cli.log"
+        proc = start_cli(SMOKE, *LONG_RUN, uri, cwd=tmp_path, log=log, env=child_env(tmp_path))
+        try:
+            deadline = time.monotonic() + 120
+            while "in experiment" not in log.read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+            time.sleep(3)  # some points written
+            freeze()
+            returncode = proc.wait(timeout=120)
+        finally:
+            stop(proc)
+            thaw()
+        output = log.read_text()
+        assert returncode == 1, output
+        assert "Traceback" not in output and "[SQL" not in output, output
+        assert "read-only" in output and "next job" in output, output
+        from mlflow import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+        (run,) = all_runs(client)
+        assert run.info.status == "RUNNING"
+        kept = steps_of(client, run.info.run_id)
+        assert kept
+        code, out, err = finish(start_cli(SMOKE, "trainer.num_steps=20", uri, cwd=tmp_path,
+                                          env=child_env(tmp_path)))
+        assert code == 0, out + err
+        run = client.get_run(run.info.run_id)
+        assert run.info.status == "FAILED"
+        assert "read-only" in run.data.tags["error"]
+        steps = steps_of(client, run.info.run_id)
+        assert len(steps) >= len(kept)
+        assert_no_gap(steps)
+        assert not list((tmp_path / "spill").glob("*.jsonl"))
+
+
+@pytest.mark.slow
+@needs_mount
+def test_issue13_item11_full_disk_mid_run(tmp_path):
+    """A store on a 400 KB filesystem fills up mid-run: one message naming the full disk,
+    exit 1; once space is freed the next job loads the spilled points, none lost."""
+    with mounted(tmp_path / "small", "-t", "tmpfs", "-o", "size=400k", "tmpfs") as small:
+        uri = f"tracking.uri=sqlite:///{small / 'mlflow.db'}"
+        code, out, err = finish(start_cli(SMOKE, *LONG_RUN, uri, "trainer.log_every_steps=10",
+                                          cwd=tmp_path, env=child_env(tmp_path)), timeout=240)
+        output = out + err
+        assert code == 1, output
+        assert "Traceback" not in output and "[SQL" not in output, output
+        assert "disk is full" in output, output
+        subprocess.run(["mount", "-o", "remount,size=50m", str(small)], check=True)
+        code, out, err = finish(start_cli(SMOKE, "trainer.num_steps=20", uri, cwd=tmp_path,
+                                          env=child_env(tmp_path)))
+        assert code == 0, out + err
+        from mlflow import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{small / 'mlflow.db'}")
+        full = [r for r in all_runs(client) if r.data.params["trainer.num_steps"] != "20"]
+        (run,) = full
+        assert run.info.status == "FAILED"
+        assert "disk is full" in run.data.tags["error"]
+        assert_no_gap(steps_of(client, run.info.run_id))
+
+
+@pytest.mark.slow
+@needs_mount
+def test_issue14_item2_full_disk_while_creating_store_leaves_nothing(tmp_path):
+    """Creating a store on a filesystem with 64 KB: one message, no half-made store left;
+    once space is freed the next job creates it and runs."""
+    with mounted(tmp_path / "small", "-t", "tmpfs", "-o", "size=64k", "tmpfs") as small:
+        uri = f"tracking.uri=sqlite:///{small / 'mlflow.db'}"
+        code, out, err = finish(start_cli(SMOKE, "trainer.num_steps=20", uri, cwd=tmp_path))
+        assert code == 1, out + err
+        assert "disk is full" in err and "Traceback" not in err, err
+        assert not (small / "mlflow.db").exists()
+        assert not list(small.glob(".mlflow.db.creating-*"))
+        subprocess.run(["mount", "-o", "remount,size=50m", str(small)], check=True)
+        code, out, err = finish(start_cli(SMOKE, "trainer.num_steps=20", uri, cwd=tmp_path))
+        assert code == 0, out + err
+
+
+@pytest.mark.slow
+def test_issue14_item5_truncated_store_is_refused(tmp_path):
+    """A store file truncated to 0 bytes is refused with one message, not replaced by an
+    empty store."""
+    code, out, err = finish(start_cli(SMOKE, "trainer.num_steps=20", cwd=tmp_path))
+    assert code == 0, out + err
+    db = tmp_path / "mlruns" / "mlflow.db"
+    db.write_bytes(b"")
+    code, out, err = finish(start_cli(SMOKE, "trainer.num_steps=20", cwd=tmp_path))
+    assert code == 1, out + err
+    assert "empty file (0 bytes)" in err and "Traceback" not in err, err
+    assert db.stat().st_size == 0
+
+
+def test_issue14_item16_every_server_has_telemetry_off():
+    """`make ui` and `make server` start MLflow with its telemetry off, as the jobs do;
+    the UI command a job prints too, and the tracking server's environment."""
+    from trainer.tracking import resolve_store, ui_command
+    from trainer.tracking_server import server_env
+
+    for target in ("ui", "server"):
+        dry = subprocess.run(["make", "-n", target], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout
+        (line,) = [x for x in dry.splitlines() if "mlflow server" in x
+                   or "trainer.tracking_server" in x]
+        assert "MLFLOW_DISABLE_TELEMETRY=true" in line, line
+    assert "MLFLOW_DISABLE_TELEMETRY=true" in ui_command(resolve_store(None, REPO))
+    assert server_env()["MLFLOW_DISABLE_TELEMETRY"] == "true"
