@@ -41,6 +41,7 @@ def hold_lock(db: Path, seconds: float) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-c", LOCKER, str(db), str(seconds)],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
+    proc.stdout.close()
     return proc
 
 
