@@ -5,9 +5,10 @@ A run's end must be true whatever comes (issues 13 and 14): no run left RUNNING 
 job said it closed, one message naming the cause, and no metric point lost (the points a
 store refuses go to a spill file that the next job on the store loads into the run).
 
-Small disks are tmpfs mounts and read-only stores read-only bind mounts: both need root
-(``mount``); as another user, chmod makes a store read-only and the disk tests cannot
-make a small filesystem, so they say so and stop (``needs_mount``).
+Small disks are tmpfs mounts, which need root (``mount``): as another user those tests
+say so and stop (``needs_mount``). A store is made read-only with chmod; as root the CLI
+then runs without CAP_DAC_OVERRIDE (``setpriv``), as a read-only bind remount is refused
+while SQLite holds the file open for writing (EBUSY).
 """
 
 from __future__ import annotations
@@ -195,78 +196,66 @@ def test_issue13_item11_store_locked_at_start_waits(tmp_path):
     assert sorted(r.info.status for r in all_runs(store_client(tmp_path))) == ["FINISHED"] * 2
 
 
-def read_only_store(tmp_path: Path):
-    """How to make the store read-only mid-run: a read-only bind remount as root (chmod
-    does not stop root), chmod of the file and its folder otherwise."""
-    store = tmp_path / "store"
-    if can_mount():
-        source = tmp_path / "store-src"
-        source.mkdir()
-        ctx = mounted(store, "--bind", str(source))
+def as_unprivileged() -> list[str]:
+    """A command prefix that runs the CLI without root's power to write read-only files
+    (CAP_DAC_OVERRIDE), so that chmod makes a store read-only to it; none for other users."""
+    return ["setpriv", "--bounding-set=-dac_override"] if os.geteuid() == 0 else []
 
-        def freeze():
-            subprocess.run(["mount", "-o", "remount,ro,bind", str(store)], check=True)
 
-        def thaw():
-            subprocess.run(["mount", "-o", "remount,rw,bind", str(store)], check=True)
-    else:
-        store.mkdir()
-        ctx = contextlib.nullcontext(store)
-
-        def freeze():
-            for p in store.rglob("*"):
-                p.chmod(p.stat().st_mode & ~0o222)
-            store.chmod(0o555)
-
-        def thaw():
-            store.chmod(0o755)
-            for p in store.rglob("*"):
-                p.chmod(p.stat().st_mode | 0o200)
-    return ctx, freeze, thaw
+def set_writable(folder: Path, writable: bool) -> None:
+    """chmod a store's folder and files: read-only, or writable again. SQLite writes a
+    journal beside the database at each write, so an open connection fails too."""
+    for p in [*folder.rglob("*"), folder]:
+        mode = p.stat().st_mode
+        p.chmod(mode | 0o200 if writable else mode & ~0o222)
 
 
 @pytest.mark.slow
 def test_issue13_item10_store_read_only_mid_run(tmp_path):
-    """The store becomes read-only mid-run: one message (read-only, what was kept, the next
-    job closes the run), exit 1, the points written before stay; the next job on the
-    writable store loads the spilled points (none lost) and ends the run FAILED."""
-    ctx, freeze, thaw = read_only_store(tmp_path)
-    with ctx as store:
-        uri = f"tracking.uri=sqlite:///{store / 'mlflow.db'}"
-        log = tmp_path / "cli.log"
-        proc = start_cli(SMOKE, *LONG_RUN, uri, cwd=tmp_path, log=log, env=child_env(tmp_path))
-        try:
-            deadline = time.monotonic() + 120
-            while "in experiment" not in log.read_text():
-                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(0.2)
-            time.sleep(3)  # some points written
-            freeze()
-            returncode = proc.wait(timeout=120)
-        finally:
-            stop(proc)
-            thaw()
-        output = log.read_text()
-        assert returncode == 1, output
-        assert "Traceback" not in output and "[SQL" not in output, output
-        assert "read-only" in output and "next job" in output, output
-        from mlflow import MlflowClient
+    """The store becomes read-only mid-run (chmod of its file and folder; the CLI runs
+    without CAP_DAC_OVERRIDE when the tests run as root): one message (read-only, what was
+    kept, the next job closes the run), exit 1, the points written before stay; the next
+    job on the writable store loads the spilled points (none lost) and ends the run FAILED."""
+    store = tmp_path / "store"
+    uri = f"tracking.uri=sqlite:///{store / 'mlflow.db'}"
+    log = tmp_path / "cli.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([*as_unprivileged(), sys.executable, "-m", "trainer", SMOKE,
+                                 *LONG_RUN, uri], cwd=tmp_path, env=child_env(tmp_path),
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "step 0:" not in log.read_text():  # training: points are being written
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        time.sleep(2)
+        set_writable(store, False)
+        returncode = proc.wait(timeout=120)
+    finally:
+        stop(proc)
+        set_writable(store, True)
+    output = log.read_text()
+    assert returncode == 1, output
+    assert "Traceback" not in output and "[SQL" not in output, output
+    assert "read-only" in output and "next job" in output, output
+    from mlflow import MlflowClient
 
-        client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
-        (run,) = all_runs(client)
-        assert run.info.status == "RUNNING"
-        kept = steps_of(client, run.info.run_id)
-        assert kept
-        code, out, err = finish(start_cli(SMOKE, "trainer.num_steps=20", uri, cwd=tmp_path,
-                                          env=child_env(tmp_path)))
-        assert code == 0, out + err
-        run = client.get_run(run.info.run_id)
-        assert run.info.status == "FAILED"
-        assert "read-only" in run.data.tags["error"]
-        steps = steps_of(client, run.info.run_id)
-        assert len(steps) >= len(kept)
-        assert_no_gap(steps)
-        assert not list((tmp_path / "spill").glob("*.jsonl"))
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    (run,) = all_runs(client)
+    assert run.info.status == "RUNNING"
+    kept = steps_of(client, run.info.run_id)
+    assert kept
+    assert len(list((tmp_path / "spill").glob("*.jsonl"))) == 1
+    code, out, err = finish(start_cli(SMOKE, "trainer.num_steps=20", uri, cwd=tmp_path,
+                                      env=child_env(tmp_path)))
+    assert code == 0, out + err
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FAILED"
+    assert "read-only" in run.data.tags["error"]
+    steps = steps_of(client, run.info.run_id)
+    assert len(steps) > len(kept)
+    assert_no_gap(steps)
+    assert not list((tmp_path / "spill").glob("*.jsonl"))
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -128,7 +129,9 @@ def fault_message(store_uri: str, kind: str | None, err: BaseException) -> str:
                    f"(df -h {Path(where).parent})",
            "half-migrated": "its schema is half-migrated (a migration stopped partway, e.g. "
                             "on a full disk)"}.get(kind or "", "")
-    detail = " ".join(str(err).split("[SQL:")[0].split())[:300]
+    detail = " ".join(str(err).split("[SQL:")[0].split())
+    found = re.search(r"\((sqlite3\.\w+|psycopg\w*\.\w+)\) (.*)", detail)
+    detail = (f"{found[1]}: {found[2]}" if found else detail)[:300]
     return f"the tracking store {where} cannot be written: {fix or detail} ({detail})"
 
 
@@ -236,8 +239,10 @@ def open_store_here(store: Store, *, owner_pid: int | None = None):
 
     if store.tracking_uri.startswith(("http://", "https://")):
         _check_reachable(store.tracking_uri)
-    for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
-        logging.getLogger(name).setLevel(logging.WARNING)  # one-off migration chatter
+    logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)  # one-off chatter
+    # its migration chatter, and its log of every failed query with the SQL and traceback:
+    # the error is raised to us as well, and the job reports it once (issue 13 item 10)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     try:
         with _store_lock(store):
             if store.lock_path is not None:
