@@ -65,8 +65,9 @@ class StoreFault(TrackingError):
 
 
 # A store locked by another process (a sqlite3 shell or a backup holding a write
-# transaction; SQLite's own wait is 5 s) is retried with back-off this long before the
-# job gives up; TRAINER_STORE_BUSY_WAIT_S changes it.
+# transaction) is retried with back-off this long before the job gives up, beyond the
+# 20 s that MLflow has SQLite wait in each call (PRAGMA busy_timeout);
+# TRAINER_STORE_BUSY_WAIT_S changes it.
 STORE_BUSY_WAIT_S = 120.0
 SPILL_ENV = "TRAINER_SPILL_DIR"  # where refused points go (default ~/.cache/trainer/spill)
 
