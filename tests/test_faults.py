@@ -319,6 +319,37 @@ def test_issue14_item5_truncated_store_is_refused(tmp_path):
     assert db.stat().st_size == 0
 
 
+def test_issue14_item1_spilled_points_load_into_the_run(tmp_path, monkeypatch):
+    """The spill file of a process that is gone is loaded by the next opening of the store:
+    every point, the error as tag ``error``, the run ended FAILED, the file removed; a spill
+    of a live process is left alone."""
+    import json
+
+    from trainer.tracking import MlflowTracker, Store, load_spills, open_store_here
+
+    monkeypatch.setenv("TRAINER_SPILL_DIR", str(tmp_path / "spill"))
+    db = tmp_path / "mlflow.db"
+    store = Store(f"sqlite:///{db}", (tmp_path / "artifacts").as_uri(), tmp_path / ".lock")
+    client = open_store_here(store)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    tracker = MlflowTracker(client, run_id)
+    points = [("curves/train_loss", 1.0 / (s + 1), 1000 + s, s) for s in range(0, 2500, 10)]
+    tracker.spill(points)
+    tracker.spill(end="FAILED", error="the store is full")
+    (path,) = (tmp_path / "spill").glob("*.jsonl")
+    assert load_spills(client, store.tracking_uri, os.getpid() + 1) == 0  # its process lives
+    lines = path.read_text().splitlines()
+    header = json.loads(lines[0])
+    header.update(pid="999999999", pid_start="0")  # a process that is gone
+    path.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    assert load_spills(client, store.tracking_uri, os.getpid()) == len(points)
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"] == "the store is full"
+    assert steps_of(client, run_id) == [p[3] for p in points]
+    assert not path.exists()
+
+
 def test_issue14_item16_every_server_has_telemetry_off():
     """`make ui` and `make server` start MLflow with its telemetry off, as the jobs do;
     the UI command a job prints too, and the tracking server's environment."""

@@ -706,8 +706,9 @@ def load_spills(client, tracking_uri: str, owner_pid: int) -> int:
                 continue
             header = lines[0]
             pid = int(header.get("pid", "0"))
-            if header.get("host") == socket.gethostname() and (
-                    pid == owner_pid or _alive(pid, header.get("pid_start"))):
+            # only this host's: whether another host's process still runs cannot be told
+            if header.get("host") != socket.gethostname() or pid == owner_pid or _alive(
+                    pid, header.get("pid_start")):
                 continue
             run_id = header["run_id"]
             points = [tuple(p) for line in lines for p in line.get("points", [])]
