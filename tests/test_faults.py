@@ -165,9 +165,9 @@ def test_issue14_item1_store_locked_mid_run_keeps_every_point(tmp_path):
     proc = start_cli(SMOKE, *LONG_RUN, cwd=tmp_path, log=log, env=child_env(tmp_path))
     try:
         client, run_id = wait_for_training(proc, log, tmp_path)
-        locker = hold_lock(tmp_path / "mlruns" / "mlflow.db", 25)
         locked_at = max(steps_of(client, run_id))
-        assert locker.wait(timeout=60) == 0
+        locker = hold_lock(tmp_path / "mlruns" / "mlflow.db", 25)
+        assert locker.wait(timeout=60) == 0  # the test reads the store after, not during
         deadline = time.monotonic() + 60
         while max(steps_of(client, run_id)) <= locked_at + 50_000:  # trained on after it
             assert proc.poll() is None, log.read_text()
@@ -189,8 +189,16 @@ def test_issue13_item11_store_locked_at_start_waits(tmp_path):
     wait 20 s): the job waits (``TRAINER_STORE_BUSY_WAIT_S``, 120 s) and finishes."""
     first = finish(start_cli(SMOKE, "trainer.num_steps=20", cwd=tmp_path))
     assert first[0] == 0, first
+    proc = start_cli(SMOKE, "trainer.num_steps=20", cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    # locked as the job's store process starts (it then imports MLflow for seconds), so the
+    # lock outlasts SQLite's own 20 s wait when the job opens the store
+    while not subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "trainer.store_process"],
+                             capture_output=True).stdout:
+        assert proc.poll() is None and time.monotonic() < deadline, finish(proc)
+        time.sleep(0.05)
     locker = hold_lock(tmp_path / "mlruns" / "mlflow.db", 25)
-    code, out, err = finish(start_cli(SMOKE, "trainer.num_steps=20", cwd=tmp_path))
+    code, out, err = finish(proc)
     assert locker.wait(timeout=60) == 0
     assert code == 0, out + err
     assert sorted(r.info.status for r in all_runs(store_client(tmp_path))) == ["FINISHED"] * 2
