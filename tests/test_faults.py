@@ -154,6 +154,32 @@ def test_issue13_item9_sigterm_in_final_phase(tmp_path, moment):
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
+def test_issue13_item9_ctrl_c_while_importing_prints_one_line(tmp_path):
+    """Ctrl-C from a terminal (SIGINT to the whole process group) while the job imports
+    Hydra (the moment: PyYAML's C extension is mapped into the process), and again as it
+    starts its store process: one line, exit 130, no traceback from either process."""
+    log = tmp_path / "cli.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "trainer", SMOKE], cwd=tmp_path,
+                                env=child_env(tmp_path), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "_yaml.cpython" not in Path(f"/proc/{proc.pid}/maps").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.002)
+        os.killpg(proc.pid, signal.SIGINT)
+        returncode = proc.wait(timeout=60)
+        time.sleep(1)  # the store process ends on the job's exit; its output would follow
+    finally:
+        stop(proc)
+    output = log.read_text()
+    assert returncode == 130, output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    assert output.count("stopped:") == 1, output
+
+
 # --- a store that stops taking writes ---------------------------------------------------------
 
 @pytest.mark.slow
