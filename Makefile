@@ -25,9 +25,9 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
 # The MLflow UI over the same store, on 127.0.0.1 only; one worker and no job runner
-# (the default server starts 15 processes and 2.5 GB here).
+# (the default server starts 15 processes and 2.5 GB here); no usage telemetry, as the jobs.
 ui: $(STAMP)
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server \
+	MLFLOW_DISABLE_TELEMETRY=true MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server \
 	  --backend-store-uri $(STORE) --host 127.0.0.1 --port 5000 --workers 1
 
 # The team's tracking server (README, "A tracking server for a team"): MLflow on a
@@ -37,7 +37,7 @@ ui: $(STAMP)
 SERVER_DIR  ?= $(CURDIR)/mlruns/server
 SERVER_PORT ?= 5050
 server: $(STAMP)
-	$(PY) -m trainer.tracking_server --pg-dir $(SERVER_DIR)/postgres \
+	MLFLOW_DISABLE_TELEMETRY=true $(PY) -m trainer.tracking_server --pg-dir $(SERVER_DIR)/postgres \
 	  --artifacts $(SERVER_DIR)/artifacts --port $(SERVER_PORT) $(SERVER_ARGS)
 
 # A run's MLflow model over HTTP on 127.0.0.1, offline: RUN=<run id> (a sweep's parent

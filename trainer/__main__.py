@@ -57,21 +57,23 @@ def main() -> int:
     _keep_launch_dir_out_of_imports()  # the `trainer` script: for the processes it starts
     # MLflow 3 sends usage telemetry unless told not to; this job talks only to its store.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from hydra._internal.utils import get_args_parser
-
-    args, _ = get_args_parser().parse_known_args(sys.argv[1:])
-    runs = not (args.help or args.hydra_help or args.info or args.shell_completion
-                or args.cfg)
-    # MLflow's import and the store's opening run in a second process while this one
-    # imports JAX (store_process); first, so that they overlap everything below.
     store_process = None
-    from . import signals, tracking
+    terminated = KeyboardInterrupt  # until tracking is imported
+    try:  # from the first import: Ctrl-C while importing prints one line, no traceback
+        from . import signals, tracking
 
-    # from the start, not only while a run is open: a stop before one prints its message
-    signal.signal(signal.SIGTERM, tracking.raise_terminated)
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not if ignored
-        signal.signal(signal.SIGINT, signals.on_sigint)
-    try:
+        terminated = tracking.Terminated
+        # from the start, not only while a run is open: a stop before one prints its message
+        signal.signal(signal.SIGTERM, tracking.raise_terminated)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not if ignored
+            signal.signal(signal.SIGINT, signals.on_sigint)
+        from hydra._internal.utils import get_args_parser
+
+        args, _ = get_args_parser().parse_known_args(sys.argv[1:])
+        runs = not (args.help or args.hydra_help or args.info or args.shell_completion
+                    or args.cfg)
+        # MLflow's import and the store's opening run in a second process while this one
+        # imports JAX (store_process); first, so that they overlap everything below.
         if runs:
             from . import store_process as store_process_module
 
@@ -82,7 +84,7 @@ def main() -> int:
         if not getattr(err, "reported", False):  # stopped before any run was opened
             print(f"stopped: {str(err) or 'interrupted (Ctrl-C)'}; no run was open",
                   file=sys.stderr, flush=True)
-        return EXIT_SIGTERM if isinstance(err, tracking.Terminated) else EXIT_SIGINT
+        return EXIT_SIGTERM if isinstance(err, terminated) else EXIT_SIGINT
     finally:
         if store_process is not None:
             store_process.close()
@@ -268,8 +270,8 @@ def _lone_job(client, store, experiment_id, experiment_name, cfg, dataset, *, ta
         train_and_evaluate
     from .report import print_summary
     from .resume import CHECKPOINT_TAG
-    from .tracking import (TrackingError, config_hash, flatten_config, metric_histories,
-                           resume_run, run_url, start_run, ui_command)
+    from .tracking import (StoreFault, TrackingError, config_hash, flatten_config,
+                           metric_histories, resume_run, run_url, start_run, ui_command)
 
     c = to_config(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -339,6 +341,9 @@ def _lone_job(client, store, experiment_id, experiment_name, cfg, dataset, *, ta
         return EXIT_FAILED
     except GradcheckFailedError as err:
         err_console.print(f"[bold red]error:[/] {err}. Run {tracker.run_id} ended FAILED.")
+        return EXIT_FAILED
+    except StoreFault as err:  # its message says how the run ended and what was kept
+        err_console.print(f"[bold red]tracking error:[/] {err}")
         return EXIT_FAILED
     except (ValueError, TrackingError) as err:
         closed = f" Run {tracker.run_id} ended FAILED." if tracker else ""
@@ -437,7 +442,7 @@ def _guarded(train, *, on_stop, runs: str, err_console):
     act on; Ctrl-C or SIGTERM prints ``on_stop(err)`` and goes on up (exit 130 / 143)."""
     from .config import ConfigError
     from .loop import GradcheckFailedError
-    from .tracking import TrackingError
+    from .tracking import StoreFault, TrackingError
 
     try:
         return train(), None
@@ -449,6 +454,9 @@ def _guarded(train, *, on_stop, runs: str, err_console):
                           f"{on_stop(err)}")
         err.reported = True
         raise
+    except StoreFault as err:  # its message says how the runs ended and what was kept
+        err_console.print(f"[bold red]tracking error:[/] {err}")
+        return None, EXIT_FAILED
     except (GradcheckFailedError, ValueError, TrackingError) as err:
         err_console.print(f"[bold red]error:[/] {err}. {runs} ended FAILED.")
         return None, EXIT_FAILED

@@ -199,11 +199,17 @@ def save_params(params, path: Path) -> Path:
     import orbax.checkpoint as ocp
     from flax import nnx
 
+    from . import signals
+
     tree = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(Path(path).resolve(), tree)
-    checkpointer.wait_until_finished()
-    checkpointer.close()
+    # whole or not at all: a stop raised inside orbax's save left its writer thread
+    # filling the .orbax-checkpoint-tmp folder while the run's temporary folder was
+    # removed ("Directory not empty", the run FAILED instead of KILLED: issue 13 item 9)
+    with signals.blocked():
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(Path(path).resolve(), tree)
+        checkpointer.wait_until_finished()
+        checkpointer.close()
     return path
 
 

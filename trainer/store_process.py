@@ -120,7 +120,7 @@ class StoreProcess:
                 continue
             held = signal.pthread_sigmask(signal.SIG_BLOCK, [])
             pending = signal.sigpending() & held & {signal.SIGINT, signal.SIGTERM}
-            if pending or signals.stopping():
+            if pending or signals.held() or signals.stopping():
                 raise EOFError(f"no answer in {waited:.0f} s after a stop")
 
     def _give_up(self) -> None:
@@ -219,9 +219,21 @@ def start() -> StoreProcess | None:
         package_root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH"))
                                             if p)
-        process = subprocess.Popen(
-            [sys.executable, "-m", "trainer.store_process", str(child_end.fileno())],
-            pass_fds=(child_end.fileno(),), env=env, stdin=subprocess.DEVNULL)
+        # Started with Ctrl-C and SIGTERM ignored (kept through exec): a terminal's Ctrl-C
+        # reaches the whole process group, and one while the child still imports would
+        # print its traceback. Held meanwhile here, and handled once the handlers are back.
+        from . import signals
+
+        with signals.blocked():
+            saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "trainer.store_process", str(child_end.fileno())],
+                    pass_fds=(child_end.fileno(),), env=env, stdin=subprocess.DEVNULL)
+            finally:
+                for sig, handler in saved.items():
+                    if handler is not None:  # None: a handler not set from Python
+                        signal.signal(sig, handler)
         child_end.close()
     except OSError:
         return None
@@ -300,11 +312,11 @@ def _serve(connection) -> None:
             if op == "open":
                 result = None
             elif op == "log_batch_plain":
-                result = tracking.log_batch(client, *args, **kwargs)
+                result = tracking.retry_busy(tracking.log_batch, client, *args, **kwargs)
             elif op in OPS:
-                result = plain(run_op(op, client, *args, **kwargs))
+                result = plain(tracking.retry_busy(run_op, op, client, *args, **kwargs))
             else:
-                result = plain(getattr(client, op)(*args, **kwargs))
+                result = plain(tracking.retry_busy(getattr(client, op), *args, **kwargs))
             answer = ("ok", result)
         except tracking.TrackingError as err:
             answer = ("error", tracking.TrackingError(str(err)))

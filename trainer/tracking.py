@@ -12,9 +12,11 @@ import contextlib
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -46,13 +48,94 @@ class Terminated(KeyboardInterrupt):
 
 def raise_terminated(signum, frame):
     """SIGTERM handler: remember the stop (``signals.mark_stopping``) and raise
-    ``Terminated`` in the main thread, so runs end KILLED and the CLI exits 143."""
-    signals.mark_stopping()
+    ``Terminated`` in the main thread, so runs end KILLED and the CLI exits 143; held
+    back inside ``signals.blocked()`` and ignored while a stop's clean-up runs."""
+    if not signals.first_stop(signum):
+        return
     raise Terminated(f"received signal {signal.Signals(signum).name}")
 
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be opened or written; the message names the URI."""
+
+
+class StoreFault(TrackingError):
+    """The store stopped taking writes while a run was open (disk full, read-only,
+    locked past ``busy_wait_s``). The message says what happened, what was kept and
+    where, and whether the run could be closed; points the store refused are in a
+    spill file that the next job on the store loads (``load_spills``)."""
+
+
+# A store locked by another process (a sqlite3 shell or a backup holding a write
+# transaction) is retried with back-off this long before the job gives up, beyond the
+# 20 s that MLflow has SQLite wait in each call (PRAGMA busy_timeout);
+# TRAINER_STORE_BUSY_WAIT_S changes it.
+STORE_BUSY_WAIT_S = 120.0
+SPILL_ENV = "TRAINER_SPILL_DIR"  # where refused points go (default ~/.cache/trainer/spill)
+
+_FAULTS = (  # (kind, what SQLite / the OS says), first match wins
+    ("locked", ("database is locked", "database table is locked")),
+    ("read-only", ("readonly database", "read-only file system", "read only file system")),
+    ("full", ("database or disk is full", "no space left", "file too large",
+              "disk quota exceeded", "disk i/o error")),
+    ("half-migrated", ("duplicate column name",)),
+)
+
+
+def store_fault(err: BaseException) -> str | None:
+    """What a store error means: ``"locked"``, ``"read-only"``, ``"full"``,
+    ``"half-migrated"``, or None for any other error (a bug, a bad argument)."""
+    text = " ".join(str(err).lower().split())
+    for kind, needles in _FAULTS:
+        if any(n in text for n in needles):
+            return kind
+    return None
+
+
+def busy_wait_s() -> float:
+    """Seconds a call waits for a locked store (``STORE_BUSY_WAIT_S``, or the variable)."""
+    try:
+        return float(os.environ.get("TRAINER_STORE_BUSY_WAIT_S", STORE_BUSY_WAIT_S))
+    except ValueError:
+        return STORE_BUSY_WAIT_S
+
+
+def retry_busy(call, *args, **kwargs):
+    """``call(*args, **kwargs)``, retried with back-off (0.5 s doubling to 8 s) while the
+    store is locked by another process, for up to ``busy_wait_s()`` seconds; then the
+    last error is raised. A write that failed on the lock was rolled back, so a retry
+    writes it once."""
+    deadline = time.monotonic() + busy_wait_s()
+    delay = 0.5
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except Exception as err:
+            left = deadline - time.monotonic()
+            if store_fault(err) != "locked" or left <= 0:
+                raise
+            time.sleep(min(delay, left))
+            delay = min(2 * delay, 8.0)
+
+
+def fault_message(store_uri: str, kind: str | None, err: BaseException) -> str:
+    """One line naming the store, what is wrong with it and what to do."""
+    where = store_uri
+    if store_uri.startswith("sqlite:///"):
+        where = str(Path(store_uri[len("sqlite:///"):]))
+    fix = {"locked": f"it stayed locked by another process for more than {busy_wait_s():.0f} s "
+                     "(a sqlite3 shell, a backup or another program holding a write "
+                     "transaction); end that program, or raise TRAINER_STORE_BUSY_WAIT_S",
+           "read-only": "it became read-only (its file or folder lost write permission, or "
+                        "its filesystem was remounted read-only); make it writable again",
+           "full": f"its disk is full (or a file size limit was reached); free space "
+                   f"(df -h {Path(where).parent})",
+           "half-migrated": "its schema is half-migrated (a migration stopped partway, e.g. "
+                            "on a full disk)"}.get(kind or "", "")
+    detail = " ".join(str(err).split("[SQL:")[0].split())
+    found = re.search(r"\((sqlite3\.\w+|psycopg\w*\.\w+)\) (.*)", detail)
+    detail = (f"{found[1]}: {found[2]}" if found else detail)[:300]
+    return f"the tracking store {where} cannot be written: {fix or detail} ({detail})"
 
 
 @dataclass(frozen=True)
@@ -259,19 +342,88 @@ def open_store_here(store: Store, *, owner_pid: int | None = None):
 
     if store.tracking_uri.startswith(("http://", "https://")):
         _check_reachable(store.tracking_uri)
-    for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
-        logging.getLogger(name).setLevel(logging.WARNING)  # one-off migration chatter
+    logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)  # one-off chatter
+    # its migration chatter, and its log of every failed query with the SQL and traceback:
+    # the error is raised to us as well, and the job reports it once (issue 13 item 10)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     try:
         with _store_lock(store):
+            if store.lock_path is not None:
+                _create_sqlite_store(Path(store.tracking_uri[len("sqlite:///"):]))
             client = MlflowClient(tracking_uri=store.tracking_uri)
-            client.search_experiments(max_results=1)  # builds and migrates the store
-            _mark_dead_runs_killed(client, owner_pid or os.getpid())
+            # builds and migrates the store; waits for one locked by another process
+            retry_busy(client.search_experiments, max_results=1)
+            retry_busy(load_spills, client, store.tracking_uri, owner_pid or os.getpid())
+            retry_busy(_mark_dead_runs_killed, client, owner_pid or os.getpid())
+    except TrackingError:
+        raise
     except Exception as err:  # MLflow raises several types; all mean the same to the user
+        kind = store_fault(err)
+        if kind is not None:
+            raise TrackingError(fault_message(store.tracking_uri, kind, err)
+                                + _half_migrated_hint(store, kind)) from None
         raise TrackingError(f"cannot open the tracking store {store.tracking_uri}: "
                             f"{' '.join(str(err).split())[:500]} (set tracking.uri or "
                             "MLFLOW_TRACKING_URI to a working store, e.g. sqlite:///mlruns/mlflow.db)"
                             ) from err
     return client
+
+
+def _create_sqlite_store(db: Path) -> None:
+    """Create a new SQLite store all at once: built and migrated in a temporary file
+    beside it, then moved into place, so a full disk or a kill part way leaves no
+    half-made store behind (issue 14 item 6: every later job failed on it). An
+    existing file of 0 bytes is refused: a store that held runs was truncated, and
+    MLflow would silently make a new empty one in its place (issue 14 item 5).
+
+    Raises:
+      TrackingError: the file is empty, or the new store cannot be written.
+    """
+    from mlflow import MlflowClient
+
+    if db.exists():
+        if db.stat().st_size == 0:
+            raise TrackingError(
+                f"the tracking store {db} is an empty file (0 bytes): a store is never "
+                "empty, so it was truncated and the runs it held are gone; restore it from a "
+                "backup, or delete the file to start a new store there")
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    tmp = db.with_name(f".{db.name}.creating-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    client = None
+    try:
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp}")
+        client.search_experiments(max_results=1)
+        os.replace(tmp, db)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        kind = store_fault(err) if isinstance(err, Exception) else None
+        if kind is None:
+            raise
+        raise TrackingError(f"cannot create the tracking store {db}: "
+                            + fault_message(f"sqlite:///{db}", kind, err).split(": ", 1)[1]
+                            + "; nothing was left behind") from None
+    finally:
+        with contextlib.suppress(Exception):  # the temporary file's connections
+            client._tracking_client.store.engine.dispose()
+
+
+def _half_migrated_hint(store: Store, kind: str) -> str:
+    """For a half-migrated SQLite store: how many runs it holds, and what to do."""
+    if kind != "half-migrated" or store.lock_path is None:
+        return ""
+    import sqlite3
+
+    db = store.tracking_uri[len("sqlite:///"):]
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            runs = con.execute("select count(*) from runs").fetchone()[0]
+    except sqlite3.Error:
+        runs = None
+    held = "no run" if runs == 0 else f"{runs} runs" if runs else "an unknown number of runs"
+    return (f"; it holds {held}: " + ("delete it to start a new store" if runs == 0 else
+            "restore it from a backup, or move it aside to start a new store"))
 
 
 def _store_lock(store: Store) -> contextlib.AbstractContextManager:
@@ -404,6 +556,13 @@ class MlflowTracker:
         self._last_send = time.perf_counter()
         self._pending: list = []
         self.end_status: str | None = None  # set "FAILED" to end the run so without raising
+        # what the store took and refused (the writer thread and the caller share these)
+        self.points_written = 0
+        self.points_spilled = 0
+        self.fault: BaseException | None = None  # the first store fault, once seen
+        self._fault_raised = False
+        self._spill: Spill | None = None
+        self._spill_lock = threading.Lock()
 
     @contextlib.contextmanager
     def _timed(self) -> Iterator[None]:
@@ -457,12 +616,12 @@ class MlflowTracker:
             self._send()
         return dropped
 
-    def _send(self) -> None:
+    def _send(self, *, raise_fault: bool = True) -> None:
         with self._timed():
             buffer, self._buffer = self._buffer, []
             for i in range(0, len(buffer), METRICS_PER_BATCH):
                 self._pending.append(_writer().submit(
-                    log_batch, self.client, self.run_id, metrics=buffer[i:i + METRICS_PER_BATCH]))
+                    self._write_points, buffer[i:i + METRICS_PER_BATCH]))
             self._last_send = time.perf_counter()
             # Back-pressure: when the writer falls behind, wait for the oldest batches.
             while len(self._pending) > MAX_PENDING_BATCHES:
@@ -476,14 +635,77 @@ class MlflowTracker:
                 else:
                     still.append(future)
             self._pending = still
+        if raise_fault:
+            self._raise_fault()
+
+    def _write_points(self, points: list) -> None:
+        """Write one batch (in the writer thread). Points the store refuses (a store
+        fault, ``store_fault``) go to the run's spill file instead, and every later
+        batch with them: never dropped (issue 14 item 1)."""
+        if self.fault is None:
+            try:
+                log_batch(self.client, self.run_id, metrics=points)
+                self.points_written += len(points)
+                return
+            except Exception as err:
+                if store_fault(err) is None:
+                    raise
+                self.fault = err
+        self.spill(points)
+
+    def spill(self, points: list = (), **end) -> None:
+        """Append points (and, with ``end=``/``error=``, how the run should end) to the
+        run's spill file; counted in ``points_spilled``."""
+        with self._spill_lock:
+            if self._spill is None:
+                self._spill = Spill(self.client_uri(), self.run_id)
+            self._spill.write(list(points), **end)
+            self.points_spilled += len(points)
+
+    def client_uri(self) -> str:
+        """The tracking URI of the tracker's client (a ``RemoteClient`` or ``MlflowClient``)."""
+        if hasattr(self.client, "log_batch_plain"):
+            return self.client._store.tracking_uri
+        return self.client._tracking_client.tracking_uri
+
+    def _raise_fault(self) -> None:
+        """Raise the first store fault once, in the caller's thread (the loop stops;
+        ``_closing`` writes what it can and says what was kept)."""
+        if self.fault is not None and not self._fault_raised:
+            self._fault_raised = True
+            raise StoreFault(str(self.fault)) from self.fault
+
+    def fault_report(self, store_uri: str, *, closed: str | None) -> str:
+        """The one message for the user after a store fault: the cause and fix, the
+        points kept in the store and in the spill file, and how the run ended (``closed``:
+        its status, or None when the store took no status: the next job closes it)."""
+        err = self.fault
+        text = fault_message(store_uri, store_fault(err), err)
+        kept = f"{self.points_written} metric points of run {self.run_id} were written and stay"
+        if self.points_spilled:
+            where = self._spill.path if self._spill and self._spill.path else "nowhere"
+            kept += (f"; {self.points_spilled} later points were saved to {where}, which the "
+                     "next job on this store loads into the run")
+        end = (f"the run ended {closed}" if closed else
+               "the run stays RUNNING in the store for now: the next job on this store "
+               "(once it can be written) ends it FAILED")
+        return f"{text}. {kept}; {end}"
 
     def flush(self) -> None:
-        """Send buffered points and wait until every batch is written; raise the first failure."""
-        self._send()
+        """Send buffered points and wait until every batch is written; raise the first
+        failure (a store fault once: ``StoreFault``, the points then spilled)."""
+        self._send(raise_fault=False)
         with self._timed():
             pending, self._pending = self._pending, []
-            for future in pending:
-                future.result()
+            first = None
+            for future in pending:  # every batch settles, so none is lost behind a failure
+                try:
+                    future.result()
+                except Exception as err:
+                    first = first or err
+            if first is not None:
+                raise first
+        self._raise_fault()
 
     def log_model(self, bundle: Path, *, registered_model_name: str | None = None) -> None:
         """Log the run's MLflow model from a ``mlflow_model.write_bundle`` file, in the
@@ -511,6 +733,101 @@ class MlflowTracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         with self._timed():
             self.client.log_text(self.run_id, text, artifact_file)
+
+
+def spill_dirs() -> list[Path]:
+    """Where spill files go, in order of preference: ``$TRAINER_SPILL_DIR`` (else
+    ``$XDG_CACHE_HOME/trainer/spill``, ``~/.cache/trainer/spill``), then the system's
+    temporary folder (when the first cannot be written, e.g. the same full disk)."""
+    import tempfile
+
+    first = os.environ.get(SPILL_ENV)
+    if not first:
+        cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        first = Path(cache) / "trainer" / "spill"
+    return [Path(first), Path(tempfile.gettempdir()) / "trainer-spill"]
+
+
+class Spill:
+    """A run's metric points that its store refused, as JSON lines: a header naming the
+    store, the run and the process, then ``{"points": [[key, value, timestamp_ms,
+    step], ...]}`` lines and an optional ``{"end": status, "error": message}``.
+
+    Attributes:
+      path: the file, or None when no spill folder could be written (the points are
+        then lost, and the user is told).
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        import json
+
+        self.path: Path | None = None
+        header = json.dumps({"tracking_uri": tracking_uri, "run_id": run_id, **_identity()})
+        for folder in spill_dirs():
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                path = folder / f"{run_id}-{os.getpid()}.jsonl"
+                with open(path, "a") as f:
+                    f.write(header + "\n")
+                self.path = path
+                return
+            except OSError:
+                continue
+
+    def write(self, points: list, **end) -> None:
+        import json
+
+        if self.path is None:
+            return
+        with open(self.path, "a") as f:
+            if points:
+                f.write(json.dumps({"points": [list(p) for p in points]}) + "\n")
+            if end:
+                f.write(json.dumps(end) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def load_spills(client, tracking_uri: str, owner_pid: int) -> int:
+    """Load the spill files of this store whose process has ended (``Spill``) into their
+    runs, end a run still RUNNING with the status the spill names (FAILED by default)
+    and delete the file. Called when a job opens the store (``open_store_here``).
+
+    Returns:
+      the number of points loaded.
+    """
+    import json
+
+    loaded = 0
+    for folder in spill_dirs():
+        for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
+            lines = []
+            for line in path.read_text().splitlines():
+                with contextlib.suppress(ValueError):  # a line cut by a crash
+                    lines.append(json.loads(line))
+            if not lines or lines[0].get("tracking_uri") != tracking_uri:
+                continue
+            header = lines[0]
+            pid = int(header.get("pid", "0"))
+            # only this host's: whether another host's process still runs cannot be told
+            if header.get("host") != socket.gethostname() or pid == owner_pid or _alive(
+                    pid, header.get("pid_start")):
+                continue
+            run_id = header["run_id"]
+            points = [tuple(p) for line in lines for p in line.get("points", [])]
+            for i in range(0, len(points), METRICS_PER_BATCH):
+                log_batch(client, run_id, metrics=points[i:i + METRICS_PER_BATCH])
+            ends = [line for line in lines if "end" in line]
+            end = ends[-1] if ends else {}
+            tags = [("spill.loaded", f"{len(points)} points from {path} by process {owner_pid}")]
+            if end.get("error"):
+                tags.append(("error", str(end["error"])[:4000]))
+            log_batch(client, run_id, tags=tags)
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, end.get("end") or "FAILED")
+            path.unlink()
+            loaded += len(points)
+    return loaded
 
 
 def mark_cut(value: str, limit: int) -> tuple[str, bool]:
@@ -600,26 +917,62 @@ def resume_run(client, run_id: str, *, tags: dict[str, str]) -> Iterator[MlflowT
 def _closing(client, run_id: str) -> Iterator[MlflowTracker]:
     tracker = MlflowTracker(client, run_id)
     previous = signal.signal(signal.SIGTERM, raise_terminated)
-    status = "FAILED"
+    status, error = "FAILED", None
     try:
         yield tracker
         status = tracker.end_status or "FINISHED"
     except KeyboardInterrupt as err:
-        status = "KILLED"
-        reason = str(err) or "interrupted (Ctrl-C)"
-        _record_error(tracker, reason, err)
+        status, error = "KILLED", str(err) or "interrupted (Ctrl-C)"
+        _record_error(tracker, error, err)
         raise
     except BaseException as err:
-        _record_error(tracker, f"{type(err).__name__}: {err}", err)
+        if tracker.fault is None and isinstance(err, Exception) and store_fault(err):
+            tracker.fault = err  # a synchronous call (tags, params, artifacts) refused
+        error = f"{type(err).__name__}: {err}"
+        if tracker.fault is not None:
+            error = fault_message(tracker.client_uri(), store_fault(tracker.fault), tracker.fault)
+        _record_error(tracker, error, err)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-        # A second signal while closing must not leave the run RUNNING.
+        # A second signal while closing must not leave the run RUNNING (signals.blocked
+        # holds it whichever thread receives it).
         with signals.blocked():
-            try:
-                tracker.flush()  # what was logged before a fault stays
-            finally:
-                client.set_terminated(tracker.run_id, status)
+            _close(client, tracker, status, error)
+
+
+def _close(client, tracker: MlflowTracker, status: str, error: str | None) -> None:
+    """Write the rest of the run's points and its status. After a store fault, the points
+    the store refuses are spilled (``Spill``) and ``StoreFault`` says what was kept;
+    a status the store refuses is left for the next job (``load_spills``)."""
+    failure = None
+    try:
+        tracker.flush()  # what was logged before a fault stays
+    except StoreFault:
+        pass  # the fault is reported below, with what was kept
+    except Exception as err:
+        if store_fault(err) is not None:
+            tracker.fault = tracker.fault or err
+        elif error is None:  # the run's last write failed: it did not finish
+            failure, status = err, "FAILED"
+            _record_error(tracker, f"{type(err).__name__}: {err}", err)
+        # else: stopped or failed already (a model whose file a stop removed): that
+        # error is the one reported, and the status stays
+    closed = None
+    try:
+        retry_busy(client.set_terminated, tracker.run_id, status)
+        closed = status
+    except Exception as err:
+        if store_fault(err) is None:
+            raise
+        tracker.fault = tracker.fault or err
+        tracker.spill(end=status if status != "FINISHED" else "FAILED",
+                      error=error or fault_message(tracker.client_uri(), store_fault(err), err))
+    if tracker.fault is not None:
+        raise StoreFault(tracker.fault_report(tracker.client_uri(), closed=closed)) \
+            from tracker.fault
+    if failure is not None:
+        raise failure
 
 
 _WRITER = None
@@ -686,7 +1039,8 @@ def ui_command(store: Store) -> str:
     """The command that opens this store in the MLflow UI on 127.0.0.1."""
     if store.lock_path is None:
         return f"open {store.tracking_uri}"
-    return ("MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow server --backend-store-uri "
+    return ("MLFLOW_DISABLE_TELEMETRY=true MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false "
+            "mlflow server --backend-store-uri "
             f"{store.tracking_uri} --host 127.0.0.1 --port 5000 --workers 1")
 
 
