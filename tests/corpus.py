@@ -149,7 +149,7 @@ CSV_FILES = [
     ("empty", b"", USAGE, "empty"),
     ("header only", b"a,b,y\n", USAGE, "row"),
     ("no target column", ("a,b,c\n" + _ROWS).encode(), USAGE, "'y'"),
-    ("duplicate columns", ("y,a,y\n" + _ROWS).encode(), USAGE, "duplicate"),
+    ("duplicate columns", ("y,a,y\n" + _ROWS).encode(), USAGE, "more than once"),
     ("ragged rows", ("a,b,y\n" + _ROWS + "1,2\n3,4,5,6\n").encode(), USAGE, "row"),
     ("not utf-8", ("a,b,y\n" + _ROWS).encode() + b"\xff\xfe,1,2\n", USAGE, "utf-8"),
     ("bad target cell", ("a,b,y\n" + _ROWS + "1,2,hello\n").encode(), USAGE, "hello"),
@@ -168,6 +168,7 @@ INT32 = "2147483648"                # past int32, the device's step counter
 U, F, S = USAGE, FAILED, SUCCESS
 # where the message names something other than the key (lower-cased fragments)
 SAYS = {("data.target", "[nope]"): "'nope'", ("data.features", "[nope]"): "'nope'",
+        ("data.features", "[y]"): "both target and feature",
         ("data.path", "nope.csv"): "nope.csv", ("data.path", "/proc"): "/proc"}
 VALUES: dict[str, list[tuple[str, str]]] = {
     "model.init": [("nosuch", U), ("normal", S)],

@@ -178,6 +178,9 @@ class CsvDataConfig(DataConfig):
         if not self.path or not self.target:
             raise ConfigError("data=csv needs data.path=/path/to/table.csv and "
                               "data.target=[COL]")
+        if self.features is not None and not self.features:
+            raise ConfigError("data.features=[] leaves the model no input: list the feature "
+                              "columns, or null for every column but the target")
 
 
 # --- the optimizer: one schema per optimizer ----------------------------------------------
