@@ -126,3 +126,11 @@ def test_corpus_sample_through_the_cli(tmp_path):
                          f"runs {[r.info.status for r in runs]}, stderr: "
                          f"{proc.stderr.strip()[-400:]}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_every_schema_key_is_in_the_corpus():
+    """A key added to a schema must get corpus entries (out of range, huge, a good value)."""
+    from corpus import VALUES, _schema_keys
+
+    keys = {key for key, _, _ in _schema_keys()}
+    assert keys == set(VALUES), (sorted(keys - set(VALUES)), sorted(set(VALUES) - keys))
