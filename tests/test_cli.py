@@ -495,6 +495,30 @@ def test_divergence_stops_and_fails(tmp_path):
     assert_no_huge_values(client, run)
 
 
+def test_C24_finite_divergence_ends_failed(run_cli, tmp_path):
+    """C24: the digits experiment at lr=1e30 keeps a finite loss (~1e30, softmax
+    cross-entropy of huge logits), which the NaN/inf guard never caught: it exited 0,
+    FINISHED, with test metrics. The divergence rule stops it: exit 1, run FAILED with
+    the step, a message naming the rule and a smaller rate, no test metrics, and no
+    logged loss above 1000 times the initial one."""
+    proc = run_cli("+experiment=digits", "optim.learning_rate=1e30", "trainer.num_steps=300",
+                   "trainer.steps_per_call=100")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    client = store_client(tmp_path)
+    (run,) = all_runs(client)
+    assert run.info.status == "FAILED" and run.info.end_time
+    step = int(run.data.tags["diverged_at_step"])
+    assert f"at step {step}" in proc.stderr and f"at step {step}" in run.data.tags["error"]
+    assert "trainer.divergence_factor" in proc.stderr and "smaller" in proc.stderr
+    assert run.info.run_id in proc.stderr
+    assert not [k for k in run.data.metrics if k.startswith("test/")]
+    losses = [p.value for key in ("curves/train_loss", "curves/val_loss")
+              for p in history(client, run.info.run_id, key)]
+    first = history(client, run.info.run_id, "curves/train_loss")[0].value
+    assert losses and max(losses) < 1000 * first * 1.5, max(losses)
+
+
 # --- signals ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)],

@@ -309,3 +309,31 @@ def test_relaunch_skips_finished_points_and_reruns_failed_ones(tmp_path):
     (second,) = [p for p in parents if len(by_parent[p.info.run_id]) == 1]
     assert second.data.metrics["skipped_members"] == 1
     assert any(k.startswith("skipped.") for k in second.data.tags)
+
+
+def test_C24_a_member_whose_finite_loss_explodes_fails_alone(splits):
+    """C24: Adam at 1e6 drives the loss to ~1e12, finite, so the non-finite mask never
+    fires; the divergence rule (trainer.divergence_factor, on the device) stops that
+    member at its first step above the limit: no point above it, no test metrics, an
+    error naming the rule and a smaller rate; the other member trains on as alone."""
+    base = base_config(name="adam", schedule="constant")
+    members = [member(base, seed=0, learning_rate=3e-3), member(base, seed=0, learning_rate=1e6)]
+    trackers = [RecordingTracker() for _ in members]
+    good, bad = train_population(members, [splits[0]] * 2, trackers)
+    assert good.failed_step is None and good.error is None and good.test_metrics["rmse"] < 100
+    assert bad.failed_step is not None and not bad.test_metrics and bad.nonfinite_steps == 0
+    assert "divergence_factor" in str(bad.error) and "smaller" in str(bad.error)
+    assert trackers[1].tags["diverged_at_step"] == str(bad.failed_step)
+    losses = [(s, v) for n, v, s in trackers[1].points
+              if n in ("curves/train_loss", "curves/val_loss")]
+    assert losses and all(s < bad.failed_step for s, _ in losses)
+    first = trackers[1].history("curves/train_loss")[0][1]
+    assert max(v for _, v in losses) < 1000 * first * 1.5  # the limit, from the split's loss
+    lone = train_and_evaluate(members[0], splits[0], RecordingTracker())
+    assert good.test_metrics["rmse"] == pytest.approx(lone.test_metrics["rmse"], rel=1e-5)
+    off = [dataclasses.replace(members[1], trainer=dataclasses.replace(
+        members[1].trainer, divergence_factor=None))]
+    (unchecked,) = train_population(off, [splits[0]], [RecordingTracker()])
+    assert unchecked.failed_step is None and unchecked.nonfinite_steps == 0, \
+        "the loss must stay finite, or this test checks the non-finite mask instead"
+    assert unchecked.test_metrics["rmse"] > 1e3  # what was reported before the rule

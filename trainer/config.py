@@ -290,6 +290,10 @@ class TrainerConfig:
     eval_every_steps: int = 1000       # validation loss every N steps (and after the last)
     on_nonfinite: str = "stop"         # "stop": end FAILED at the first NaN/inf loss;
                                        # "skip": drop such updates and go on
+    divergence_factor: Optional[float] = 1000.0  # a member whose (finite) train or validation
+                                       # loss exceeds this many times its loss on the training
+                                       # split before the first step has diverged: it stops
+                                       # there and ends FAILED (null: no such rule)
     patience: int = 0                  # early stopping: evaluations of the validation loss without
                                        # an improvement before a member stops (0 = off)
     min_delta: float = 0.0             # an evaluation improves when val_loss < best - min_delta
@@ -774,6 +778,10 @@ def validate(cfg: DictConfig) -> None:
     if c.trainer.patience < 0:
         raise ConfigError(f"trainer.patience={c.trainer.patience}: must be >= 0 (0: no early "
                           "stopping; N: stop a member after N evaluations without improvement)")
+    factor = c.trainer.divergence_factor
+    if factor is not None and not factor > 1:  # catches NaN too
+        raise ConfigError(f"trainer.divergence_factor={factor}: must be > 1 (how many times "
+                          "its initial value the loss may reach), or null for no such rule")
     if not c.trainer.min_delta >= 0:  # catches NaN too
         raise ConfigError(f"trainer.min_delta={c.trainer.min_delta}: must be >= 0")
     g = c.gradcheck

@@ -37,7 +37,8 @@ from .population import MemberLayout, init_params, member_layout, pad_members
 from .steps import (DeviceData, TrainState, check_scalar_loss, init_train_state, loss_for_task,
                     make_predict, make_train_chunk, make_train_step)
 
-__all__ = ["NonFiniteLossError", "GradcheckFailedError", "RunResult", "CountingCompiler",
+__all__ = ["TrainingFailedError", "NonFiniteLossError", "LossDivergedError",
+           "GradcheckFailedError", "RunResult", "CountingCompiler",
            "Run", "Chunk", "build_run", "run_chunks", "train_population", "train_and_evaluate",
            "check_worked_examples", "chunk_points", "chunk_timings", "gradcheck_steps",
            "record_figures", "evaluate_test", "SHUFFLE_STREAM", "GRADCHECK_STREAM"]
@@ -46,15 +47,36 @@ SHUFFLE_STREAM = 7919  # fold_in(key(seed), SHUFFLE_STREAM) is the shuffling key
 GRADCHECK_STREAM = 104729  # fold_in(key(seed), GRADCHECK_STREAM) draws the checks' samples
 
 
-class NonFiniteLossError(RuntimeError):
+class TrainingFailedError(RuntimeError):
+    """A run trained but its result is not one: ``step`` is where it was judged failed."""
+
+    def __init__(self, message: str, step: int):
+        self.step = step
+        super().__init__(message)
+
+
+def _smaller_rate(learning_rate: float) -> str:
+    return (f"The learning rate ({learning_rate:g}) is probably too large: try a smaller "
+            f"optim.learning_rate (e.g. {learning_rate / 10:g}) or set optim.clip_norm")
+
+
+class NonFiniteLossError(TrainingFailedError):
     """The loss or gradient became NaN or infinite; ``step`` is the first such step."""
 
     def __init__(self, step: int, learning_rate: float):
-        self.step = step
+        super().__init__(f"the loss became NaN or infinite at step {step}; training stopped. "
+                         + _smaller_rate(learning_rate), step)
+
+
+class LossDivergedError(TrainingFailedError):
+    """The finite loss exceeded ``trainer.divergence_factor`` times its initial value
+    (case C24); ``step`` is the first such step."""
+
+    def __init__(self, step: int, learning_rate: float, *, factor: float, initial_loss: float):
         super().__init__(
-            f"the loss became NaN or infinite at step {step}; training stopped. The learning "
-            f"rate ({learning_rate:g}) is probably too large: try a smaller "
-            f"optim.learning_rate (e.g. {learning_rate / 10:g}) or set optim.clip_norm")
+            f"the loss exceeded {factor:g} times its initial value ({initial_loss:.4g}) at "
+            f"step {step} (trainer.divergence_factor); training stopped. "
+            + _smaller_rate(learning_rate), step)
 
 
 def chunk_points(metrics, member: int = 0, *, log_every_steps: int,
@@ -193,7 +215,8 @@ def build_run(members: list, datasets: list[Dataset], *, loss_fn: Callable | Non
                                    for name in ("x_train", "y_train", "x_val", "y_val"))))
     steps_per_call = min(cfg.trainer.steps_per_call, num_steps)
     train_step = make_train_step(graphdef, optimizer, loss_fn,
-                                 skip_nonfinite=cfg.trainer.on_nonfinite == "skip")
+                                 skip_nonfinite=cfg.trainer.on_nonfinite == "skip",
+                                 divergence_factor=cfg.trainer.divergence_factor)
     chunk = make_train_chunk(train_step, graphdef, loss_fn, num_steps=num_steps,
                              steps_per_call=steps_per_call, batch_size=batch_size,
                              eval_every_steps=cfg.trainer.eval_every_steps,
@@ -227,6 +250,8 @@ class Chunk:
       interval_s: seconds from the previous chunk's results to this one's.
       early_stop_step: ``(M,)`` the step after which each member stopped early (its
         last logged step), or -1 (``TrainState.early_stop_step``).
+      diverged_step: ``(M,)`` each member's first step above the divergence limit, or -1
+        (``TrainState.diverged_step``).
     """
 
     index: int
@@ -238,6 +263,7 @@ class Chunk:
     state: TrainState
     interval_s: float
     early_stop_step: np.ndarray
+    diverged_step: np.ndarray
 
 
 def run_chunks(run: Run, done_at: list[float]) -> Iterator[Chunk]:
@@ -260,12 +286,13 @@ def run_chunks(run: Run, done_at: list[float]) -> Iterator[Chunk]:
         if c + 1 < len(ends):
             pending = run.chunk_fn(state, run.data)
         # one device-to-host transfer per chunk: metrics, the non-finite and stop records
-        metrics, first_bad, active, early_stop = jax.device_get(
-            (metrics, state.nonfinite_step, state.active, state.early_stop_step))
+        metrics, first_bad, active, early_stop, diverged = jax.device_get(
+            (metrics, state.nonfinite_step, state.active, state.early_stop_step,
+             state.diverged_step))
         done_at.append(time.perf_counter())
         start = ends[c - 1] if c else run.start_step
         chunk = Chunk(c, end, end - start, metrics, first_bad, active, state,
-                      done_at[-1] - done_at[-2], early_stop)
+                      done_at[-1] - done_at[-2], early_stop, diverged)
         last = c + 1 == len(ends) or not active[:run.layout.num_members].any()
         if last:
             jax.block_until_ready(state)
@@ -285,7 +312,9 @@ class MemberRecord:
 
     Attributes:
       history: ``{name: (steps, values)}`` as logged.
-      failed_step: with ``on_nonfinite="stop"``, the member's first non-finite step.
+      failed_step: the member's first step above the divergence limit or, with
+        ``on_nonfinite="stop"``, its first non-finite step, whichever came first.
+      diverged: the failure was the divergence limit (else a non-finite loss).
       early_stopped_at_step: where early stopping stopped the member (the step of its
         last evaluation, tag ``early_stopped_at_step``), or None. Not a failure.
     """
@@ -297,6 +326,7 @@ class MemberRecord:
         self.history = {k: (list(s), list(v)) for k, (s, v) in (history or {}).items()}
         self._logged_through = {k: max(s) for k, (s, _) in self.history.items() if s}
         self.failed_step: int | None = None
+        self.diverged = False
         self.early_stopped_at_step: int | None = None
 
     def __call__(self, chunk: Chunk) -> None:
@@ -304,6 +334,9 @@ class MemberRecord:
             return
         first_bad = int(chunk.nonfinite_step[self.index])
         stop_before = first_bad if first_bad >= 0 and self._stop else None
+        diverged = int(chunk.diverged_step[self.index])
+        if diverged >= 0 and (stop_before is None or diverged < stop_before):
+            stop_before, self.diverged = diverged, True
         early = int(chunk.early_stop_step[self.index])
         if early >= 0:  # stopped at an evaluation: keep that evaluation's point, none after
             stop_before = early + 1 if stop_before is None else min(stop_before, early + 1)
@@ -359,8 +392,11 @@ class RunResult:
         ``gradcheck_passed`` is False if any failed (None when none ran).
       num_params: trainable scalars of one member (a shared matrix counts once).
       num_steps: steps run; nonfinite_steps: the member's steps whose update was dropped.
-      failed_step: the member's first non-finite step when it stopped there
-        (``trainer.on_nonfinite=stop``), else None.
+      failed_step: the step where the member failed: its first non-finite step when it
+        stopped there (``trainer.on_nonfinite=stop``), its first step above the
+        divergence limit (``trainer.divergence_factor``); else None.
+      error: why it failed, as the exception ``train_and_evaluate`` raises (its message
+        is the run's ``error`` tag); None for a member that did not fail.
       history: host copies of the logged curves, ``{name: (steps, values)}``: every
         step trained, also after ``best_step``.
       params: the member's final params (a host pytree); with early stopping
@@ -389,6 +425,7 @@ class RunResult:
     best_step: int | None = None
     best_val_loss: float | None = None
     early_stopped_at_step: int | None = None
+    error: TrainingFailedError | None = None
 
 
 def train_population(members: list, datasets: list[Dataset], trackers: list, *,
@@ -541,15 +578,27 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
     Raises:
       NonFiniteLossError: a NaN or infinite loss with ``trainer.on_nonfinite=stop``
         (case C07); the points before it are logged first.
+      LossDivergedError: the loss exceeded ``trainer.divergence_factor`` times its
+        initial value (case C24); likewise.
       GradcheckFailedError, ValueError: as ``train_population``.
     """
     (result,) = train_population([cfg], [dataset], [tracker], console=console,
                                  loss_fn=loss_fn, workdir=workdir, checkpoint=checkpoint,
                                  histories=[history])
-    if result.failed_step is not None:
-        raise NonFiniteLossError(result.failed_step,
-                                 learning_rate_at(cfg, result.failed_step))
+    if result.error is not None:
+        raise result.error
     return result
+
+
+def _failure(cfg, record: MemberRecord, initial_loss: float) -> TrainingFailedError | None:
+    """Why ``record``'s member failed, as an exception to raise or tag; None if it did not."""
+    step = record.failed_step
+    if step is None:
+        return None
+    if record.diverged:
+        return LossDivergedError(step, learning_rate_at(cfg, step),
+                                 factor=cfg.trainer.divergence_factor, initial_loss=initial_loss)
+    return NonFiniteLossError(step, learning_rate_at(cfg, step))
 
 
 def learning_rate_at(cfg, step: int) -> float:
@@ -609,8 +658,9 @@ def _finish(run: Run, state: TrainState, records: list[MemberRecord], checks: li
     metrics and saved params are those of each member's ``best_step`` (its final ones
     where no evaluation gave a finite loss)."""
     members, num_steps = run.members, run.num_steps
-    first_bad, nonfinite, best_step, best_val = (np.asarray(v) for v in jax.device_get(
-        (state.nonfinite_step, state.nonfinite_count, state.best_step, state.best_val_loss)))
+    first_bad, nonfinite, best_step, best_val, initial = (np.asarray(v) for v in jax.device_get(
+        (state.nonfinite_step, state.nonfinite_count, state.best_step, state.best_val_loss,
+         state.initial_loss)))
     early_stopping = run.cfg.trainer.patience > 0
     host_params = jax.device_get(state.params)
     if early_stopping:  # each member's best params, where an evaluation gave one
@@ -695,7 +745,8 @@ def _finish(run: Run, state: TrainState, records: list[MemberRecord], checks: li
                 gradcheck_passed=check.passed, failed_step=record.failed_step,
                 best_step=int(best_step[m]) if best else None,
                 best_val_loss=float(best_val[m]) if best else None,
-                early_stopped_at_step=record.early_stopped_at_step))
+                early_stopped_at_step=record.early_stopped_at_step,
+                error=_failure(cfg, record, float(initial[m]))))
             finals.append(final)
         renderer.finish()
         for tracker in trackers:  # the models are read from ``root`` meanwhile
