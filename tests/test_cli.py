@@ -519,6 +519,25 @@ def test_C24_finite_divergence_ends_failed(run_cli, tmp_path):
     assert losses and max(losses) < 1000 * first * 1.5, max(losses)
 
 
+def test_issue13_item3_short_run_logs_last_step_and_says_stride_leaves_few_points(
+        run_cli, tmp_path):
+    """Issue 13.3: 7 steps of a CSV under the diabetes experiment (stride 10) logged the
+    train loss at step 0 only, silently. Now the last step is logged too and the run says
+    its stride leaves few points."""
+    rows = [f"{i % 7},{(i * 3) % 11},{i % 7 + 0.5 * ((i * 3) % 11)}" for i in range(80)]
+    (tmp_path / "table.csv").write_text("a,b,y\n" + "\n".join(rows) + "\n")
+    proc = run_cli("+experiment=diabetes", "data=csv", "data.path=table.csv",
+                   "data.target=[y]", "trainer.num_steps=7", "gradcheck.every_steps=0")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "trainer.log_every_steps=10 leaves 2 point(s)" in " ".join(proc.stdout.split())
+    client = store_client(tmp_path)
+    (run,) = all_runs(client)
+    for key in ("curves/train_loss", "curves/learning_rate", "curves/val_loss"):
+        steps = [p.step for p in history(client, run.info.run_id, key)]
+        assert steps[-1] == 6, (key, steps)
+    assert [p.step for p in history(client, run.info.run_id, "curves/train_loss")] == [0, 6]
+
+
 # --- signals ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)],

@@ -279,3 +279,27 @@ def test_c10_reported_step_time_matches_blocked_wall_time(diabetes):
     blocked_step_s = (time.perf_counter() - t0) / (4 * k)
     assert 0.5 < result.timings["step_s"] / blocked_step_s < 2.0
     assert result.timings["compile_s"] > 0 and result.timings["train_s"] < result.timings["wall_s"]
+
+
+@pytest.mark.parametrize("steps", [100, 95])
+def test_issue13_item3_last_step_logged(diabetes, steps):
+    """Issue 13.3: the last step's loss and learning rate are logged even off the logging
+    grid (99 and 94 with a stride of 10; 95 steps also leave a ragged last chunk), with
+    the values a run that logs every step records there; the grid's points are
+    unchanged; the gradient norm stays on the grid (computing it every step is what the
+    grid saves)."""
+    def run(every):
+        cfg = cfg_for(steps=steps)
+        cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(
+            cfg.trainer, steps_per_call=50, log_every_steps=every))
+        tracker = RecordingTracker()
+        train_and_evaluate(cfg, diabetes, tracker)
+        return {name: dict(tracker.history(f"curves/{name}"))
+                for name in ("train_loss", "grad_norm", "learning_rate")}
+
+    strided, every = run(10), run(1)
+    for name, points in strided.items():
+        grid = [*range(0, steps, 10)] + ([] if name == "grad_norm" else [steps - 1])
+        assert sorted(points) == grid, name
+        for step, value in points.items():
+            assert value == pytest.approx(every[name][step], rel=1e-5), (name, step)

@@ -80,11 +80,13 @@ class LossDivergedError(TrainingFailedError):
 
 
 def chunk_points(metrics, member: int = 0, *, log_every_steps: int,
-                 stop_before: int | None = None) -> list[tuple[str, float, int]]:
+                 stop_before: int | None = None,
+                 last_step: int | None = None) -> list[tuple[str, float, int]]:
     """Turn one chunk's host metrics into ``(name, value, step)`` points of one member.
 
-    Train metrics are kept at the steps ``s`` with ``s % log_every_steps == 0`` where
-    the member was active; ``val_loss`` wherever it was evaluated. Values are Python
+    Train metrics are kept at the steps ``s`` with ``s % log_every_steps == 0``, and at
+    ``last_step`` (the run's last, ``num_steps - 1``), where the member was active;
+    ``val_loss`` wherever it was evaluated. Values are Python
     floats and steps Python ints (case C08). With ``stop_before``, steps from there on
     are left out (a member's first non-finite step, or the step after the evaluation
     that stopped it early).
@@ -96,7 +98,8 @@ def chunk_points(metrics, member: int = 0, *, log_every_steps: int,
     """
     step_metrics, eval_metrics = metrics
     steps = step_metrics["step"]
-    keep = step_metrics["active"][:, member].astype(bool) & (steps % log_every_steps == 0)
+    keep = step_metrics["active"][:, member].astype(bool) & (
+        (steps % log_every_steps == 0) | (steps == last_step))
     if stop_before is not None:
         keep &= steps < stop_before
     points = []
@@ -252,6 +255,8 @@ class Chunk:
         last logged step), or -1 (``TrainState.early_stop_step``).
       diverged_step: ``(M,)`` each member's first step above the divergence limit, or -1
         (``TrainState.diverged_step``).
+      last_step_loss: ``(M,)`` each member's training loss at the run's last step, NaN
+        before it ran (``TrainState.last_step_loss``).
     """
 
     index: int
@@ -264,6 +269,7 @@ class Chunk:
     interval_s: float
     early_stop_step: np.ndarray
     diverged_step: np.ndarray
+    last_step_loss: np.ndarray
 
 
 def run_chunks(run: Run, done_at: list[float]) -> Iterator[Chunk]:
@@ -286,13 +292,13 @@ def run_chunks(run: Run, done_at: list[float]) -> Iterator[Chunk]:
         if c + 1 < len(ends):
             pending = run.chunk_fn(state, run.data)
         # one device-to-host transfer per chunk: metrics, the non-finite and stop records
-        metrics, first_bad, active, early_stop, diverged = jax.device_get(
+        metrics, first_bad, active, early_stop, diverged, last_loss = jax.device_get(
             (metrics, state.nonfinite_step, state.active, state.early_stop_step,
-             state.diverged_step))
+             state.diverged_step, state.last_step_loss))
         done_at.append(time.perf_counter())
         start = ends[c - 1] if c else run.start_step
         chunk = Chunk(c, end, end - start, metrics, first_bad, active, state,
-                      done_at[-1] - done_at[-2], early_stop, diverged)
+                      done_at[-1] - done_at[-2], early_stop, diverged, last_loss)
         last = c + 1 == len(ends) or not active[:run.layout.num_members].any()
         if last:
             jax.block_until_ready(state)
@@ -320,9 +326,12 @@ class MemberRecord:
     """
 
     def __init__(self, index: int, tracker, *, log_every_steps: int, stop_on_nonfinite: bool,
-                 history: dict[str, tuple[list[int], list[float]]] | None = None):
+                 history: dict[str, tuple[list[int], list[float]]] | None = None,
+                 num_steps: int | None = None, last_learning_rate: float = math.nan):
         self.index, self.tracker = index, tracker
         self._every, self._stop = log_every_steps, stop_on_nonfinite
+        self._last = None if num_steps is None else num_steps - 1
+        self._last_rate = last_learning_rate
         self.history = {k: (list(s), list(v)) for k, (s, v) in (history or {}).items()}
         self._logged_through = {k: max(s) for k, (s, _) in self.history.items() if s}
         self.failed_step: int | None = None
@@ -341,7 +350,14 @@ class MemberRecord:
         if early >= 0:  # stopped at an evaluation: keep that evaluation's point, none after
             stop_before = early + 1 if stop_before is None else min(stop_before, early + 1)
         points = chunk_points(chunk.metrics, self.index, log_every_steps=self._every,
-                              stop_before=stop_before)
+                              stop_before=stop_before, last_step=self._last)
+        last = self._last
+        if (last is not None and chunk.end == last + 1 and (stop_before is None or last < stop_before)
+                and not any(p[2] == last and p[0] == "train_loss" for p in points)):
+            # off the block grid: the loss the state kept, the schedule's rate (no gradient
+            # norm: computing it at every step would halve a small net's steps/s)
+            points += [("train_loss", float(chunk.last_step_loss[self.index]), last),
+                       ("learning_rate", self._last_rate, last)]
         if self._logged_through:
             points = [p for p in points if p[2] > self._logged_through.get(p[0], -1)]
         self.tracker.log_metrics([(names.record_curve(name), value, step)
@@ -524,7 +540,9 @@ def _train(members: list, datasets: list[Dataset], trackers: list, renderer, sav
             check(_member(run.state.params, m), step=0)
     check_after = gradcheck_steps(cfg.gradcheck.every_steps, run.chunk_ends)
     records = [MemberRecord(m, t, log_every_steps=tcfg.log_every_steps,
-                            stop_on_nonfinite=tcfg.on_nonfinite == "stop", history=h)
+                            stop_on_nonfinite=tcfg.on_nonfinite == "stop", history=h,
+                            num_steps=run.num_steps,
+                            last_learning_rate=learning_rate_at(members[m], run.num_steps - 1))
                for m, (t, h) in enumerate(zip(trackers, histories))]
     # saves are due as checks are: at the first chunk end at or after each multiple
     save_after = gradcheck_steps(plan.every_steps, run.chunk_ends) if plan else set()
@@ -625,6 +643,13 @@ def _tag_start(run: Run, trackers: list, console, device_name: str) -> None:
         tracker.set_tags(tags)
         tracker.log_params(constants)
         tracker.log_datasets(mlflow_model.dataset_inputs(dataset))  # meanwhile, in the writer
+    few = _train_points(run.start_step, run.num_steps, run.cfg.trainer.log_every_steps)
+    if console is not None and few < FEW_POINTS:
+        every = run.cfg.trainer.log_every_steps
+        console.print(f"[yellow]trainer.log_every_steps={every} leaves {few} point(s) on the "
+                      f"training curves of these {run.num_steps - run.start_step} steps (steps "
+                      f"divisible by {every}, and the last step): set a smaller "
+                      f"trainer.log_every_steps for a curve[/]")
     if console is not None:
         members = len(run.members)
         shape = "" if members == 1 else (f" | {members} members on {run.layout.num_devices} "
@@ -633,6 +658,16 @@ def _tag_start(run: Run, trackers: list, console, device_name: str) -> None:
         if clamped:
             console.print(f"data.batch_size={run.cfg.data.batch_size} is more than the "
                           f"{n_train} training rows: each step uses all {n_train}")
+
+
+FEW_POINTS = 5  # fewer train-curve points than this is no curve: the run says so
+
+
+def _train_points(start: int, num_steps: int, every: int) -> int:
+    """Train-curve points of steps ``start .. num_steps - 1``: every ``every``-th step and
+    the last one."""
+    on_grid = len(range(-(-start // every) * every, num_steps, every))
+    return on_grid + ((num_steps - 1) % every != 0 and num_steps > start)
 
 
 def _print_step0(console, metrics, members: int) -> None:

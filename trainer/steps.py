@@ -68,6 +68,9 @@ class TrainState(NamedTuple):
       diverged_step: ``(M,)`` int32, each member's first step whose finite loss exceeded
         ``divergence_factor * initial_loss`` (the training loss at that step, or the
         validation loss logged at that step), or -1. The member stopped there.
+      last_step_loss: ``(M,)`` float32, the training loss of the run's last step
+        (``num_steps - 1``), kept by ``make_train_chunk`` also off the logging grid;
+        NaN until that step has run.
     """
 
     step: jax.Array
@@ -84,6 +87,7 @@ class TrainState(NamedTuple):
     early_stop_step: jax.Array
     initial_loss: jax.Array
     diverged_step: jax.Array
+    last_step_loss: jax.Array
 
 
 class DeviceData(NamedTuple):
@@ -200,6 +204,7 @@ class MemberState(NamedTuple):
     early_stop_step: jax.Array
     initial_loss: jax.Array
     diverged_step: jax.Array
+    last_step_loss: jax.Array
 
 
 def _members(state: TrainState) -> MemberState:
@@ -237,7 +242,8 @@ def init_train_state(params, optimizer: Optimizer, values: dict[str, jax.Array],
                       best_params=jax.tree.map(jnp.copy, params) if track_best else (),
                       early_stop_step=jnp.full((m,), -1, jnp.int32),
                       initial_loss=jnp.full((m,), jnp.nan, jnp.float32),
-                      diverged_step=jnp.full((m,), -1, jnp.int32))
+                      diverged_step=jnp.full((m,), -1, jnp.int32),
+                      last_step_loss=jnp.full((m,), jnp.nan, jnp.float32))
 
 
 def make_member_step(graphdef, optimizer: Optimizer, loss_fn: LossFn, *,
@@ -422,7 +428,8 @@ def make_train_chunk(train_step, graphdef, loss_fn: LossFn, *, num_steps: int,
     ``best_params`` take the evaluation's values, ``evals_since_best`` goes to 0); any
     other evaluation adds 1 to ``evals_since_best``, and at ``patience`` the member
     stops: ``active`` turns False (``make_member_step`` masks its updates from then on)
-    and ``early_stop_step`` records the evaluation's step. The evaluation after the
+    and ``early_stop_step`` records the evaluation's step. The last step's training loss
+    is kept in ``last_step_loss`` (the block grid may not hold that step). The evaluation after the
     last step (``num_steps``) never stops a member: it has finished anyway.
 
     Divergence (``train_step.divergence_factor`` set, case C24): a chunk that starts at
@@ -474,6 +481,10 @@ def make_train_chunk(train_step, graphdef, loss_fn: LossFn, *, num_steps: int,
             step, m = carry
             batch = (data.x_train, data.y_train) if full_batch else batch
             m, metrics = member_step(step, m, batch)
+            # the last step's loss, also off the block grid: a scalar select per step (its
+            # metrics row would cost a gradient norm, or a second copy of the block)
+            m = m._replace(last_step_loss=jnp.where(step == num_steps - 1,
+                                                    metrics["train_loss"], m.last_step_loss))
             return (step + 1, m), {**metrics, "step": step}
 
         # Mask whole blocks when num_steps falls on a block boundary, else single steps.
