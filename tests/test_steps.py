@@ -303,3 +303,30 @@ def test_issue13_item3_last_step_logged(diabetes, steps):
         assert sorted(points) == grid, name
         for step, value in points.items():
             assert value == pytest.approx(every[name][step], rel=1e-5), (name, step)
+
+
+def test_issue13_item4_progress_bar_shows_the_latest_loss_in_full(diabetes):
+    """Issue 13.6: at the end of a partial chunk (7 steps, stride 10) the bar showed the
+    step-0 loss, the last logged point; it shows the last step's loss now, and a huge
+    loss as such (8.1e+30, not 0)."""
+    import io
+
+    from rich.console import Console
+
+    from trainer.report import progress_bar
+
+    cfg = cfg_for(steps=7)
+    cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(
+        cfg.trainer, log_every_steps=10, progress=True), gradcheck=dataclasses.replace(
+        cfg.gradcheck, every_steps=0))
+    out, tracker = io.StringIO(), RecordingTracker()
+    train_and_evaluate(cfg, diabetes, tracker, console=Console(file=out, width=120))
+    (first, at_0), (last, at_6) = tracker.history("curves/train_loss")
+    assert (first, last) == (0, 6) and f"{at_0:.4g}" != f"{at_6:.4g}"
+    bar = next(line for line in out.getvalue().splitlines() if line.startswith("step 7/7"))
+    assert f"loss {at_6:.4g} " in bar, bar
+
+    out = io.StringIO()
+    with progress_bar(Console(file=out, width=120), 1500) as update:
+        update(1500, 8.1e30, 100.0)
+    assert "loss 8.1e+30 " in out.getvalue()

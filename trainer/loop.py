@@ -558,7 +558,8 @@ def _train(members: list, datasets: list[Dataset], trackers: list, renderer, sav
                     saver.offer(chunk.state, document=plan.document, val_loss=val)
                 if chunk.index == 0 and run.start_step == 0:
                     _print_step0(console, chunk.metrics, len(members))
-                progress(chunk.end, _best_loss(records), chunk.steps / chunk.interval_s)
+                progress(chunk.end, progress_loss(chunk, records, run.num_steps),
+                         chunk.steps / chunk.interval_s)
                 if chunk.end in check_after and chunk.end < run.num_steps:
                     for m, check in enumerate(checks):
                         if records[m].failed_step is None:
@@ -679,10 +680,23 @@ def _print_step0(console, metrics, members: int) -> None:
                   f"gradient norm {float(step_metrics['grad_norm'][0, 0]):.8g}")
 
 
-def _best_loss(records: list[MemberRecord]) -> float:
-    last = [r.history["train_loss"][1][-1] for r in records
-            if r.failed_step is None and r.history.get("train_loss")]
-    return min(last) if last else float("nan")
+def progress_loss(chunk: Chunk, records: list[MemberRecord], num_steps: int) -> float:
+    """The loss the progress bar shows after ``chunk``: the lowest, over the members still
+    training, of each one's training loss at the latest step the chunk measured (the
+    run's last step after the last chunk), not the last logged point, which a partial
+    chunk may not hold (issue 13.6); NaN when none."""
+    step_metrics = chunk.metrics[0]
+    latest = []
+    for r in records:
+        if r.failed_step is not None or r.early_stopped_at_step is not None:
+            continue
+        if chunk.end == num_steps and np.isfinite(chunk.last_step_loss[r.index]):
+            latest.append(float(chunk.last_step_loss[r.index]))
+            continue
+        rows = np.flatnonzero(step_metrics["active"][:, r.index])
+        if rows.size:
+            latest.append(float(step_metrics["train_loss"][rows[-1], r.index]))
+    return min(latest) if latest else math.nan
 
 
 def _finish(run: Run, state: TrainState, records: list[MemberRecord], checks: list,
