@@ -284,7 +284,9 @@ def test_params_are_flat_and_resolved(basic_run):
         ["model.kind", "model.init", "model.init_scale", "model.hidden", "model.tied_hidden",
          "data.kind", "data.val_fraction", "data.test_fraction", "data.standardize",
          "data.batch_size", "data.cache", "optim.name", "optim.learning_rate",
-         "optim.schedule", "optim.warmup_steps", "optim.final_lr_fraction", "optim.clip_norm"])
+         "optim.schedule", "optim.warmup_steps", "optim.final_lr_fraction", "optim.clip_norm",
+         "optim.transition_begin", "optim.transition_steps", "optim.decay_rate",
+         "optim.staircase"])
     assert params["data.batch_size"] == "32" and params["data.kind"] == "diabetes"
 
     import yaml

@@ -105,7 +105,7 @@ def test_c17_one_compilation_for_eight_points_each_with_its_own_schedule(splits)
     schedule = make_schedule(base.optim, base.trainer.num_steps)
     for m, tracker in zip(members, trackers):
         logged = tracker.history("curves/learning_rate")
-        assert len(logged) == 20
+        assert len(logged) == 21  # steps 0, 10, ..., 190 and the last, 199
         want = [float(schedule(m.optim.learning_rate, 0.0)(s)) for s, _ in logged]
         np.testing.assert_allclose([v for _, v in logged], want, rtol=1e-5)  # float32 cosine
     # weight decay acts per member: same rate, different decay, different params
@@ -337,3 +337,49 @@ def test_C24_a_member_whose_finite_loss_explodes_fails_alone(splits):
     assert unchecked.failed_step is None and unchecked.nonfinite_steps == 0, \
         "the loss must stay finite, or this test checks the non-finite mask instead"
     assert unchecked.test_metrics["rmse"] > 1e3  # what was reported before the rule
+
+
+@pytest.mark.parametrize("schedule", ["linear", "exponential"])
+def test_issue13_item5_linear_and_exponential_schedules_per_member(splits, schedule):
+    """Issue 13.7: optim.schedule=linear and exponential are optax's linear_schedule and
+    exponential_decay with their documented parameters; each member's rate and final
+    fraction stay injected arrays: two members, one compilation, each logging its own
+    schedule."""
+    import optax
+
+    shape = ({"transition_begin": 20, "transition_steps": 150} if schedule == "linear" else
+             {"transition_begin": 20, "transition_steps": 50, "decay_rate": 0.5,
+              "staircase": True})
+    base = base_config(name="adam", schedule=schedule, **shape)
+    members = [member(base, seed=0, learning_rate=1e-2, final_lr_fraction=0.1),
+               member(base, seed=0, learning_rate=3e-3, final_lr_fraction=0.3)]
+    trackers = [RecordingTracker() for _ in members]
+    results = train_population(members, [splits[0]] * 2, trackers)
+    assert {r.compute["num_compiles"] for r in results} == {1}
+    for m, tracker, result in zip(members, trackers, results):
+        lr, end = m.optim.learning_rate, m.optim.learning_rate * m.optim.final_lr_fraction
+        if schedule == "linear":
+            reference = optax.linear_schedule(lr, end, transition_steps=150, transition_begin=20)
+        else:
+            reference = optax.exponential_decay(lr, transition_steps=50, decay_rate=0.5,
+                                                transition_begin=20, staircase=True,
+                                                end_value=end)
+        logged = tracker.history("curves/learning_rate")
+        np.testing.assert_allclose([v for _, v in logged],
+                                   [float(reference(s)) for s, _ in logged], rtol=1e-5)
+        # exponential at step 199: three whole halvings, floored at the final fraction
+        last = end if schedule == "linear" else max(lr * 0.5 ** 3, end)
+        assert logged[0][1] == pytest.approx(lr) and logged[-1][1] == pytest.approx(last)
+        assert result.test_metrics["rmse"] < 100
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["optim.schedule=cosine", "optim.transition_steps=10"], "optim.schedule=linear"),
+    (["optim.schedule=exponential", "optim.decay_rate=0"], "optim.decay_rate=0"),
+    (["optim.schedule=linear", "optim.transition_begin=60"], "less than trainer.num_steps"),
+])
+def test_issue13_item5_schedule_keys_are_checked(overrides, message):
+    from trainer.config import validate
+
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_with(SMOKE, *overrides))
