@@ -465,14 +465,19 @@ def test_multirun_continues_after_failed_job(run_cli, tmp_path, sweeper):
 def test_divergence_stops_and_fails(tmp_path):
     """C07: SGD at lr=1e6 diverges after a few steps: exit non-zero, run FAILED with the step
     recorded, a message naming the step and a smaller learning rate, no huge values stored;
-    with trainer.on_nonfinite=skip the run finishes and counts the dropped steps."""
-    stop_dir, skip_dir = tmp_path / "stop", tmp_path / "skip"
-    stop_dir.mkdir()
-    skip_dir.mkdir()
+    with trainer.on_nonfinite=skip the run finishes and counts the dropped steps (allowed
+    to drop up to 99% here; issue 14.12 tests the default share, the divergence rule is
+    off so that updates are dropped, not the run stopped)."""
+    stop_dir, skip_dir, mostly_dir = tmp_path / "stop", tmp_path / "skip", tmp_path / "mostly"
+    for folder in (stop_dir, skip_dir, mostly_dir):
+        folder.mkdir()
     diverge = (SMOKE, "optim=sgd", "optim.learning_rate=1e6", "trainer.log_every_steps=1")
+    skip = (*diverge, "trainer.on_nonfinite=skip", "trainer.divergence_factor=null")
     jobs = [start_cli(*diverge, cwd=stop_dir),
-            start_cli(*diverge, "trainer.on_nonfinite=skip", cwd=skip_dir)]
-    (code, out, err), (skip_code, skip_out, skip_err) = (finish(p) for p in jobs)
+            start_cli(*skip, "trainer.max_skipped_fraction=0.99", cwd=skip_dir),
+            start_cli(*skip, cwd=mostly_dir)]
+    (code, out, err), (skip_code, skip_out, skip_err), mostly = (finish(p) for p in jobs)
+    _check_issue14_item12_mostly_skipped_run_ends_failed(mostly_dir, *mostly)
 
     assert code != 0, out + err
     assert "Traceback" not in err
@@ -494,6 +499,27 @@ def test_divergence_stops_and_fails(tmp_path):
     assert run.info.status == "FINISHED"
     assert int(run.data.tags["nonfinite_steps"]) > 0
     assert "diverged_at_step" not in run.data.tags
+    assert_no_huge_values(client, run)
+
+
+def _check_issue14_item12_mostly_skipped_run_ends_failed(launch: Path, code: int, out: str,
+                                                          err: str) -> None:
+    """Issue 14.12: the skip run above under the default trainer.max_skipped_fraction
+    (0.5) dropped 59 of 60 updates and exited 0 with a test RMSE of 3.2e32 and only a
+    tag. Now it says so and ends FAILED, with no test metrics; its points stay."""
+    assert code == 1, out + err
+    assert "Traceback" not in err
+    client = store_client(launch)
+    (run,) = all_runs(client)
+    assert run.info.status == "FAILED" and run.info.end_time
+    dropped = int(run.data.tags["nonfinite_steps"])
+    assert dropped > SMOKE_STEPS // 2
+    said = " ".join(err.split())
+    assert f"dropped {dropped} of the {SMOKE_STEPS} updates" in said
+    assert "trainer.max_skipped_fraction=0.5" in said and "smaller" in said
+    assert "max_skipped_fraction" in run.data.tags["error"]
+    assert not [k for k in run.data.metrics if k.startswith("test/")]
+    assert history(client, run.info.run_id, "curves/train_loss")
     assert_no_huge_values(client, run)
 
 

@@ -309,6 +309,8 @@ class TrainerConfig:
     eval_every_steps: int = 1000       # validation loss every N steps (and after the last)
     on_nonfinite: str = "stop"         # "stop": end FAILED at the first NaN/inf loss;
                                        # "skip": drop such updates and go on
+    max_skipped_fraction: float = 0.5  # skip: a member that dropped more than this share of
+                                       # its updates ends FAILED, with no test metrics
     divergence_factor: Optional[float] = 1000.0  # a member whose (finite) train or validation
                                        # loss exceeds this many times its loss on the training
                                        # split before the first step has diverged: it stops
@@ -797,6 +799,9 @@ def validate(cfg: DictConfig) -> None:
     if c.trainer.patience < 0:
         raise ConfigError(f"trainer.patience={c.trainer.patience}: must be >= 0 (0: no early "
                           "stopping; N: stop a member after N evaluations without improvement)")
+    if not 0 <= c.trainer.max_skipped_fraction < 1:  # catches NaN too
+        raise ConfigError(f"trainer.max_skipped_fraction={c.trainer.max_skipped_fraction}: must "
+                          "lie in [0, 1) (the share of dropped updates a run may have)")
     factor = c.trainer.divergence_factor
     if factor is not None and not factor > 1:  # catches NaN too
         raise ConfigError(f"trainer.divergence_factor={factor}: must be > 1 (how many times "

@@ -37,7 +37,7 @@ from .population import MemberLayout, init_params, member_layout, pad_members
 from .steps import (DeviceData, TrainState, check_scalar_loss, init_train_state, loss_for_task,
                     make_predict, make_train_chunk, make_train_step)
 
-__all__ = ["TrainingFailedError", "NonFiniteLossError", "LossDivergedError",
+__all__ = ["TrainingFailedError", "NonFiniteLossError", "LossDivergedError", "MostlySkippedError",
            "GradcheckFailedError", "RunResult", "CountingCompiler",
            "Run", "Chunk", "build_run", "run_chunks", "train_population", "train_and_evaluate",
            "check_worked_examples", "chunk_points", "chunk_timings", "gradcheck_steps",
@@ -76,6 +76,19 @@ class LossDivergedError(TrainingFailedError):
         super().__init__(
             f"the loss exceeded {factor:g} times its initial value ({initial_loss:.4g}) at "
             f"step {step} (trainer.divergence_factor); training stopped. "
+            + _smaller_rate(learning_rate), step)
+
+
+class MostlySkippedError(TrainingFailedError):
+    """With ``trainer.on_nonfinite=skip``, more than ``trainer.max_skipped_fraction`` of
+    a member's updates were dropped (issue 14.12); ``step`` is the first dropped one."""
+
+    def __init__(self, step: int, learning_rate: float, *, skipped: int, steps: int,
+                 max_fraction: float):
+        super().__init__(
+            f"trainer.on_nonfinite=skip dropped {skipped} of the {steps} updates "
+            f"({skipped / steps:.0%}, more than trainer.max_skipped_fraction={max_fraction:g}), "
+            f"the first at step {step}: what trained is not a result. "
             + _smaller_rate(learning_rate), step)
 
 
@@ -321,6 +334,8 @@ class MemberRecord:
       failed_step: the member's first step above the divergence limit or, with
         ``on_nonfinite="stop"``, its first non-finite step, whichever came first.
       diverged: the failure was the divergence limit (else a non-finite loss).
+      skipped: ``(dropped updates, steps trained)`` when too many of the member's updates
+        were dropped (``trainer.max_skipped_fraction``), else None.
       early_stopped_at_step: where early stopping stopped the member (the step of its
         last evaluation, tag ``early_stopped_at_step``), or None. Not a failure.
     """
@@ -336,6 +351,7 @@ class MemberRecord:
         self._logged_through = {k: max(s) for k, (s, _) in self.history.items() if s}
         self.failed_step: int | None = None
         self.diverged = False
+        self.skipped: tuple[int, int] | None = None
         self.early_stopped_at_step: int | None = None
 
     def __call__(self, chunk: Chunk) -> None:
@@ -609,11 +625,28 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
     return result
 
 
+def _judge_skipped(cfg, record: MemberRecord, first_bad: int, skipped: int,
+                   num_steps: int) -> None:
+    """Mark ``record`` failed when more than ``trainer.max_skipped_fraction`` of the
+    updates its member took were dropped (``on_nonfinite=skip``); its points stay."""
+    if record.failed_step is not None or not skipped:
+        return
+    early = record.early_stopped_at_step
+    steps = num_steps if early is None else early + 1
+    if skipped / steps > cfg.trainer.max_skipped_fraction:
+        record.failed_step, record.skipped = first_bad, (skipped, steps)
+        record.tracker.set_tags({"mostly_skipped": f"{skipped} of {steps} updates dropped"})
+
+
 def _failure(cfg, record: MemberRecord, initial_loss: float) -> TrainingFailedError | None:
     """Why ``record``'s member failed, as an exception to raise or tag; None if it did not."""
     step = record.failed_step
     if step is None:
         return None
+    if record.skipped is not None:
+        skipped, steps = record.skipped
+        return MostlySkippedError(step, learning_rate_at(cfg, step), skipped=skipped,
+                                  steps=steps, max_fraction=cfg.trainer.max_skipped_fraction)
     if record.diverged:
         return LossDivergedError(step, learning_rate_at(cfg, step),
                                  factor=cfg.trainer.divergence_factor, initial_loss=initial_loss)
@@ -751,6 +784,7 @@ def _finish(run: Run, state: TrainState, records: list[MemberRecord], checks: li
             if first_bad[m] >= 0:
                 tracker.set_tags({"first_nonfinite_step": str(int(first_bad[m])),
                                   "nonfinite_steps": str(int(nonfinite[m]))})
+            _judge_skipped(cfg, record, int(first_bad[m]), int(nonfinite[m]), num_steps)
             params = _member(host_params, m)
             test, final = {}, []
             if record.failed_step is None:

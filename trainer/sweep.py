@@ -190,8 +190,9 @@ def _train_members(configs: list, datasets: list, trackers: list, *, checkpoint,
         others = "the others trained on" if failed < len(results) else "none finished"
         err_console.print(f"[bold red]diverged:[/] {failed} of {len(results)} members "
                           f"reached a NaN, infinite or diverging loss (trainer.divergence_factor"
-                          f"); their runs ended FAILED, {others} (try a smaller "
-                          "optim.learning_rate or set optim.clip_norm)")
+                          f") or dropped most updates (trainer.max_skipped_fraction); their runs "
+                          f"ended FAILED, {others} (try a smaller optim.learning_rate or set "
+                          "optim.clip_norm)")
     return results
 
 
