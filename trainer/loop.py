@@ -540,6 +540,11 @@ def _train(members: list, datasets: list[Dataset], trackers: list, renderer, sav
     cfg, tcfg = members[0], members[0].trainer
     device = jax.devices()[0]
     device_name = f"{jax.default_backend()} ({device.device_kind})"
+    depth = len(getattr(cfg.model, "hidden", ()))
+    if console is not None and depth > DEEP_LAYERS:  # said before the compilation starts
+        console.print(f"[yellow]model.hidden has {depth} layers: the compiled training step "
+                      f"unrolls every layer, so its compilation grows with depth (200 layers of "
+                      f"width 4: about 2 minutes on 2 CPU cores) before step 0[/]")
     run = build_run(members, datasets, loss_fn=loss_fn,
                     checkpoints=saver.checkpoints if plan and plan.resume else None)
     checks = [Gradchecker(m.gradcheck, run.graphdef, run.loss_fn, d, t, console,
@@ -694,6 +699,7 @@ def _tag_start(run: Run, trackers: list, console, device_name: str) -> None:
                           f"{n_train} training rows: each step uses all {n_train}")
 
 
+DEEP_LAYERS = 32  # hidden layers past which the run warns of a long compilation (issue 13.4)
 FEW_POINTS = 5  # fewer train-curve points than this is no curve: the run says so
 
 
