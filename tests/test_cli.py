@@ -284,7 +284,9 @@ def test_params_are_flat_and_resolved(basic_run):
         ["model.kind", "model.init", "model.init_scale", "model.hidden", "model.tied_hidden",
          "data.kind", "data.val_fraction", "data.test_fraction", "data.standardize",
          "data.batch_size", "data.cache", "optim.name", "optim.learning_rate",
-         "optim.schedule", "optim.warmup_steps", "optim.final_lr_fraction", "optim.clip_norm"])
+         "optim.schedule", "optim.warmup_steps", "optim.final_lr_fraction", "optim.clip_norm",
+         "optim.transition_begin", "optim.transition_steps", "optim.decay_rate",
+         "optim.staircase"])
     assert params["data.batch_size"] == "32" and params["data.kind"] == "diabetes"
 
     import yaml
@@ -463,14 +465,19 @@ def test_multirun_continues_after_failed_job(run_cli, tmp_path, sweeper):
 def test_divergence_stops_and_fails(tmp_path):
     """C07: SGD at lr=1e6 diverges after a few steps: exit non-zero, run FAILED with the step
     recorded, a message naming the step and a smaller learning rate, no huge values stored;
-    with trainer.on_nonfinite=skip the run finishes and counts the dropped steps."""
-    stop_dir, skip_dir = tmp_path / "stop", tmp_path / "skip"
-    stop_dir.mkdir()
-    skip_dir.mkdir()
+    with trainer.on_nonfinite=skip the run finishes and counts the dropped steps (allowed
+    to drop up to 99% here; issue 14.12 tests the default share, the divergence rule is
+    off so that updates are dropped, not the run stopped)."""
+    stop_dir, skip_dir, mostly_dir = tmp_path / "stop", tmp_path / "skip", tmp_path / "mostly"
+    for folder in (stop_dir, skip_dir, mostly_dir):
+        folder.mkdir()
     diverge = (SMOKE, "optim=sgd", "optim.learning_rate=1e6", "trainer.log_every_steps=1")
+    skip = (*diverge, "trainer.on_nonfinite=skip", "trainer.divergence_factor=null")
     jobs = [start_cli(*diverge, cwd=stop_dir),
-            start_cli(*diverge, "trainer.on_nonfinite=skip", cwd=skip_dir)]
-    (code, out, err), (skip_code, skip_out, skip_err) = (finish(p) for p in jobs)
+            start_cli(*skip, "trainer.max_skipped_fraction=0.99", cwd=skip_dir),
+            start_cli(*skip, cwd=mostly_dir)]
+    (code, out, err), (skip_code, skip_out, skip_err), mostly = (finish(p) for p in jobs)
+    _check_issue14_item12_mostly_skipped_run_ends_failed(mostly_dir, *mostly)
 
     assert code != 0, out + err
     assert "Traceback" not in err
@@ -493,6 +500,70 @@ def test_divergence_stops_and_fails(tmp_path):
     assert int(run.data.tags["nonfinite_steps"]) > 0
     assert "diverged_at_step" not in run.data.tags
     assert_no_huge_values(client, run)
+
+
+def _check_issue14_item12_mostly_skipped_run_ends_failed(launch: Path, code: int, out: str,
+                                                          err: str) -> None:
+    """Issue 14.12: the skip run above under the default trainer.max_skipped_fraction
+    (0.5) dropped 59 of 60 updates and exited 0 with a test RMSE of 3.2e32 and only a
+    tag. Now it says so and ends FAILED, with no test metrics; its points stay."""
+    assert code == 1, out + err
+    assert "Traceback" not in err
+    client = store_client(launch)
+    (run,) = all_runs(client)
+    assert run.info.status == "FAILED" and run.info.end_time
+    dropped = int(run.data.tags["nonfinite_steps"])
+    assert dropped > SMOKE_STEPS // 2
+    said = " ".join(err.split())
+    assert f"dropped {dropped} of the {SMOKE_STEPS} updates" in said
+    assert "trainer.max_skipped_fraction=0.5" in said and "smaller" in said
+    assert "max_skipped_fraction" in run.data.tags["error"]
+    assert not [k for k in run.data.metrics if k.startswith("test/")]
+    assert history(client, run.info.run_id, "curves/train_loss")
+    assert_no_huge_values(client, run)
+
+
+def test_C24_finite_divergence_ends_failed(run_cli, tmp_path):
+    """C24: the digits experiment at lr=1e30 keeps a finite loss (~1e30, softmax
+    cross-entropy of huge logits), which the NaN/inf guard never caught: it exited 0,
+    FINISHED, with test metrics. The divergence rule stops it: exit 1, run FAILED with
+    the step, a message naming the rule and a smaller rate, no test metrics, and no
+    logged loss above 1000 times the initial one."""
+    proc = run_cli("+experiment=digits", "optim.learning_rate=1e30", "trainer.num_steps=300",
+                   "trainer.steps_per_call=100")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    client = store_client(tmp_path)
+    (run,) = all_runs(client)
+    assert run.info.status == "FAILED" and run.info.end_time
+    step = int(run.data.tags["diverged_at_step"])
+    assert f"at step {step}" in proc.stderr and f"at step {step}" in run.data.tags["error"]
+    assert "trainer.divergence_factor" in proc.stderr and "smaller" in proc.stderr
+    assert run.info.run_id in proc.stderr
+    assert not [k for k in run.data.metrics if k.startswith("test/")]
+    losses = [p.value for key in ("curves/train_loss", "curves/val_loss")
+              for p in history(client, run.info.run_id, key)]
+    first = history(client, run.info.run_id, "curves/train_loss")[0].value
+    assert losses and max(losses) < 1000 * first * 1.5, max(losses)
+
+
+def test_issue13_item3_short_run_logs_last_step_and_says_stride_leaves_few_points(
+        run_cli, tmp_path):
+    """Issue 13.3: 7 steps of a CSV under the diabetes experiment (stride 10) logged the
+    train loss at step 0 only, silently. Now the last step is logged too and the run says
+    its stride leaves few points."""
+    rows = [f"{i % 7},{(i * 3) % 11},{i % 7 + 0.5 * ((i * 3) % 11)}" for i in range(80)]
+    (tmp_path / "table.csv").write_text("a,b,y\n" + "\n".join(rows) + "\n")
+    proc = run_cli("+experiment=diabetes", "data=csv", "data.path=table.csv",
+                   "data.target=[y]", "trainer.num_steps=7", "gradcheck.every_steps=0")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "trainer.log_every_steps=10 leaves 2 point(s)" in " ".join(proc.stdout.split())
+    client = store_client(tmp_path)
+    (run,) = all_runs(client)
+    for key in ("curves/train_loss", "curves/learning_rate", "curves/val_loss"):
+        steps = [p.step for p in history(client, run.info.run_id, key)]
+        assert steps[-1] == 6, (key, steps)
+    assert [p.step for p in history(client, run.info.run_id, "curves/train_loss")] == [0, 6]
 
 
 # --- signals ----------------------------------------------------------------------------------

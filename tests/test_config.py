@@ -149,7 +149,8 @@ def test_a_key_of_another_kind_is_refused_naming_the_option(overrides, message):
 COMMON = {"model": {"kind", "init", "init_scale"},
           "data": {"kind", "val_fraction", "test_fraction", "standardize", "batch_size", "cache"},
           "optim": {"name", "learning_rate", "schedule", "warmup_steps", "final_lr_fraction",
-                    "clip_norm"}}
+                    "clip_norm", "transition_begin", "transition_steps", "decay_rate",
+                    "staircase"}}
 OWN_KEYS = {("model", "mlp"): {"hidden", "tied_hidden"}, ("model", "tied"): {"width"},
             ("data", "diabetes"): set(), ("data", "digits"): set(),
             ("data", "seed"): {"seed_width", "seed_x_key", "seed_y_key"},
@@ -221,7 +222,7 @@ def test_no_option_restates_a_schema_default():
     (lambda: AdamOptimConfig(name="sgd"), "pick the optim with optim=sgd"),
     (lambda: AdamOptimConfig(name="adamm"), "did you mean 'adam'"),
     (lambda: SgdOptimConfig(learning_rate=0.0), "optim.learning_rate=0.0: must be greater"),
-    (lambda: SgdOptimConfig(schedule="linear"), "optim.schedule='linear': choose one of"),
+    (lambda: SgdOptimConfig(schedule="step"), "optim.schedule='step': choose one of"),
     (lambda: AdamOptimConfig(clip_norm=-1.0), "optim.clip_norm=-1.0: must be greater than 0"),
     (lambda: Config(model=MlpModelConfig(), data=SeedDataConfig()),
      "Config(optim=...) needs one of the optim schemas: SgdOptimConfig, MomentumOptimConfig"),

@@ -105,7 +105,7 @@ def test_c17_one_compilation_for_eight_points_each_with_its_own_schedule(splits)
     schedule = make_schedule(base.optim, base.trainer.num_steps)
     for m, tracker in zip(members, trackers):
         logged = tracker.history("curves/learning_rate")
-        assert len(logged) == 20
+        assert len(logged) == 21  # steps 0, 10, ..., 190 and the last, 199
         want = [float(schedule(m.optim.learning_rate, 0.0)(s)) for s, _ in logged]
         np.testing.assert_allclose([v for _, v in logged], want, rtol=1e-5)  # float32 cosine
     # weight decay acts per member: same rate, different decay, different params
@@ -309,3 +309,92 @@ def test_relaunch_skips_finished_points_and_reruns_failed_ones(tmp_path):
     (second,) = [p for p in parents if len(by_parent[p.info.run_id]) == 1]
     assert second.data.metrics["skipped_members"] == 1
     assert any(k.startswith("skipped.") for k in second.data.tags)
+
+
+def test_C24_a_member_whose_finite_loss_explodes_fails_alone(splits):
+    """C24: Adam at 1e6 drives the loss to ~1e12, finite, so the non-finite mask never
+    fires; the divergence rule (trainer.divergence_factor, on the device) stops that
+    member at its first step above the limit: no point above it, no test metrics, an
+    error naming the rule and a smaller rate; the other member trains on as alone."""
+    base = base_config(name="adam", schedule="constant")
+    members = [member(base, seed=0, learning_rate=3e-3), member(base, seed=0, learning_rate=1e6)]
+    trackers = [RecordingTracker() for _ in members]
+    good, bad = train_population(members, [splits[0]] * 2, trackers)
+    assert good.failed_step is None and good.error is None and good.test_metrics["rmse"] < 100
+    assert bad.failed_step is not None and not bad.test_metrics and bad.nonfinite_steps == 0
+    assert "divergence_factor" in str(bad.error) and "smaller" in str(bad.error)
+    assert trackers[1].tags["diverged_at_step"] == str(bad.failed_step)
+    losses = [(s, v) for n, v, s in trackers[1].points
+              if n in ("curves/train_loss", "curves/val_loss")]
+    assert losses and all(s < bad.failed_step for s, _ in losses)
+    first = trackers[1].history("curves/train_loss")[0][1]
+    assert max(v for _, v in losses) < 1000 * first * 1.5  # the limit, from the split's loss
+    lone = train_and_evaluate(members[0], splits[0], RecordingTracker())
+    assert good.test_metrics["rmse"] == pytest.approx(lone.test_metrics["rmse"], rel=1e-5)
+    off = [dataclasses.replace(members[1], trainer=dataclasses.replace(
+        members[1].trainer, divergence_factor=None))]
+    (unchecked,) = train_population(off, [splits[0]], [RecordingTracker()])
+    assert unchecked.failed_step is None and unchecked.nonfinite_steps == 0, \
+        "the loss must stay finite, or this test checks the non-finite mask instead"
+    assert unchecked.test_metrics["rmse"] > 1e3  # what was reported before the rule
+
+
+@pytest.mark.parametrize("schedule", ["linear", "exponential"])
+def test_issue13_item5_linear_and_exponential_schedules_per_member(splits, schedule):
+    """Issue 13.7: optim.schedule=linear and exponential are optax's linear_schedule and
+    exponential_decay with their documented parameters; each member's rate and final
+    fraction stay injected arrays: two members, one compilation, each logging its own
+    schedule."""
+    import optax
+
+    shape = ({"transition_begin": 20, "transition_steps": 150} if schedule == "linear" else
+             {"transition_begin": 20, "transition_steps": 50, "decay_rate": 0.5,
+              "staircase": True})
+    base = base_config(name="adam", schedule=schedule, **shape)
+    members = [member(base, seed=0, learning_rate=1e-2, final_lr_fraction=0.1),
+               member(base, seed=0, learning_rate=3e-3, final_lr_fraction=0.3)]
+    trackers = [RecordingTracker() for _ in members]
+    results = train_population(members, [splits[0]] * 2, trackers)
+    assert {r.compute["num_compiles"] for r in results} == {1}
+    for m, tracker, result in zip(members, trackers, results):
+        lr, end = m.optim.learning_rate, m.optim.learning_rate * m.optim.final_lr_fraction
+        if schedule == "linear":
+            reference = optax.linear_schedule(lr, end, transition_steps=150, transition_begin=20)
+        else:
+            reference = optax.exponential_decay(lr, transition_steps=50, decay_rate=0.5,
+                                                transition_begin=20, staircase=True,
+                                                end_value=end)
+        logged = tracker.history("curves/learning_rate")
+        np.testing.assert_allclose([v for _, v in logged],
+                                   [float(reference(s)) for s, _ in logged], rtol=1e-5)
+        # exponential at step 199: three whole halvings, floored at the final fraction
+        last = end if schedule == "linear" else max(lr * 0.5 ** 3, end)
+        assert logged[0][1] == pytest.approx(lr) and logged[-1][1] == pytest.approx(last)
+        assert result.test_metrics["rmse"] < 100
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["optim.schedule=cosine", "optim.transition_steps=10"], "optim.schedule=linear"),
+    (["optim.schedule=exponential", "optim.decay_rate=0"], "optim.decay_rate=0"),
+    (["optim.schedule=linear", "optim.transition_begin=60"], "less than trainer.num_steps"),
+])
+def test_issue13_item5_schedule_keys_are_checked(overrides, message):
+    from trainer.config import validate
+
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_with(SMOKE, *overrides))
+
+
+def test_issue13_item2_deep_models_are_drawn_eagerly_with_the_same_bits(monkeypatch):
+    """Issue 13.4: a deep stack spent minutes compiling its init as one program (one
+    draw per layer; measured here: 100 s jitted, 8.8 s eager for 50 layers of width 4).
+    Past JIT_INIT_MAX_LEAVES arrays the init runs eagerly, and draws the same params."""
+    from trainer import population
+    from trainer.models import make_model_spec
+
+    spec = make_model_spec(MlpModelConfig(hidden=[8, 8]), in_features=3, out_features=1)
+    _, jitted = population.init_params(spec, [0, 1], [1.0, 1.0])
+    monkeypatch.setattr(population, "JIT_INIT_MAX_LEAVES", 2)
+    _, eager = population.init_params(spec, [0, 1], [1.0, 1.0])
+    for a, b in zip(jax.tree.leaves(jitted), jax.tree.leaves(eager)):
+        np.testing.assert_array_equal(a, b)

@@ -198,8 +198,9 @@ def test_training_lowers_the_loss_and_compiles_the_chunk_once(diabetes, caplog):
 
 def test_divergence_stops_with_the_step_and_keeps_earlier_points(diabetes):
     """C07: a huge learning rate stops the run at the first non-finite step; the points
-    before it are logged and none after it; the message suggests a smaller rate."""
-    cfg = cfg_for(steps=300)
+    before it are logged and none after it; the message suggests a smaller rate. (The
+    divergence rule, which would stop it earlier at a finite loss, is off: C24 tests it.)"""
+    cfg = cfg_for(steps=300, divergence_factor=None)
     cfg = dataclasses.replace(cfg, optim=SgdOptimConfig(learning_rate=1e4))
     tracker = RecordingTracker()
     with pytest.raises(NonFiniteLossError, match="smaller") as err:
@@ -278,3 +279,54 @@ def test_c10_reported_step_time_matches_blocked_wall_time(diabetes):
     blocked_step_s = (time.perf_counter() - t0) / (4 * k)
     assert 0.5 < result.timings["step_s"] / blocked_step_s < 2.0
     assert result.timings["compile_s"] > 0 and result.timings["train_s"] < result.timings["wall_s"]
+
+
+@pytest.mark.parametrize("steps", [100, 95])
+def test_issue13_item3_last_step_logged(diabetes, steps):
+    """Issue 13.3: the last step's loss and learning rate are logged even off the logging
+    grid (99 and 94 with a stride of 10; 95 steps also leave a ragged last chunk), with
+    the values a run that logs every step records there; the grid's points are
+    unchanged; the gradient norm stays on the grid (computing it every step is what the
+    grid saves)."""
+    def run(every):
+        cfg = cfg_for(steps=steps)
+        cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(
+            cfg.trainer, steps_per_call=50, log_every_steps=every))
+        tracker = RecordingTracker()
+        train_and_evaluate(cfg, diabetes, tracker)
+        return {name: dict(tracker.history(f"curves/{name}"))
+                for name in ("train_loss", "grad_norm", "learning_rate")}
+
+    strided, every = run(10), run(1)
+    for name, points in strided.items():
+        grid = [*range(0, steps, 10)] + ([] if name == "grad_norm" else [steps - 1])
+        assert sorted(points) == grid, name
+        for step, value in points.items():
+            assert value == pytest.approx(every[name][step], rel=1e-5), (name, step)
+
+
+def test_issue13_item4_progress_bar_shows_the_latest_loss_in_full(diabetes):
+    """Issue 13.6: at the end of a partial chunk (7 steps, stride 10) the bar showed the
+    step-0 loss, the last logged point; it shows the last step's loss now, and a huge
+    loss as such (8.1e+30, not 0)."""
+    import io
+
+    from rich.console import Console
+
+    from trainer.report import progress_bar
+
+    cfg = cfg_for(steps=7)
+    cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(
+        cfg.trainer, log_every_steps=10, progress=True), gradcheck=dataclasses.replace(
+        cfg.gradcheck, every_steps=0))
+    out, tracker = io.StringIO(), RecordingTracker()
+    train_and_evaluate(cfg, diabetes, tracker, console=Console(file=out, width=120))
+    (first, at_0), (last, at_6) = tracker.history("curves/train_loss")
+    assert (first, last) == (0, 6) and f"{at_0:.4g}" != f"{at_6:.4g}"
+    bar = next(line for line in out.getvalue().splitlines() if line.startswith("step 7/7"))
+    assert f"loss {at_6:.4g} " in bar, bar
+
+    out = io.StringIO()
+    with progress_bar(Console(file=out, width=120), 1500) as update:
+        update(1500, 8.1e30, 100.0)
+    assert "loss 8.1e+30 " in out.getvalue()

@@ -266,7 +266,7 @@ def _lone_job(client, store, experiment_id, experiment_name, cfg, dataset, *, ta
     from . import record, signals
     from .checkpoint import CheckpointPlan, periodic_steps, upload_checkpoints
     from .config import logged_config, to_config
-    from .loop import GradcheckFailedError, NonFiniteLossError, check_worked_examples, \
+    from .loop import GradcheckFailedError, TrainingFailedError, check_worked_examples, \
         train_and_evaluate
     from .report import print_summary
     from .resume import CHECKPOINT_TAG
@@ -336,7 +336,7 @@ def _lone_job(client, store, experiment_id, experiment_name, cfg, dataset, *, ta
         err_console.print(f"[bold red]stopped:[/] {reason}; {closed}{hint}")
         err.reported = True
         raise
-    except NonFiniteLossError as err:
+    except TrainingFailedError as err:
         err_console.print(f"[bold red]diverged:[/] {err}. Run {tracker.run_id} ended FAILED.")
         return EXIT_FAILED
     except GradcheckFailedError as err:

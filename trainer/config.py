@@ -192,9 +192,18 @@ class OptimConfig:
 
     name: str = MISSING                # optim=NAME: "sgd" | "momentum" | "adam" | "adamw"
     learning_rate: float = 1e-3        # peak learning rate
-    schedule: str = "constant"         # "constant" | "cosine" | "warmup_cosine"
+    schedule: str = "constant"         # "constant" | "cosine" | "warmup_cosine" | "linear"
+                                       # (optax.linear_schedule) | "exponential"
+                                       # (optax.exponential_decay)
     warmup_steps: int = 0              # warmup_cosine: steps of linear warm-up from 0
-    final_lr_fraction: float = 0.0     # cosine schedules: final rate / peak rate
+    final_lr_fraction: float = 0.0     # cosine, linear: final rate / peak rate; exponential:
+                                       # the floor (optax's end_value) / peak rate
+    transition_begin: int = 0          # linear, exponential: steps at the peak rate first
+    transition_steps: Optional[int] = None  # linear: steps from the peak to the final rate
+                                       # (None: to the last step); exponential: steps per
+                                       # factor decay_rate (None: num_steps)
+    decay_rate: float = 0.1            # exponential: the rate's factor per transition_steps
+    staircase: bool = False            # exponential: decay in whole transition_steps steps
     clip_norm: Optional[float] = None  # clip the gradient's global L2 norm to this (None = off)
 
     def __post_init__(self) -> None:
@@ -208,6 +217,16 @@ class OptimConfig:
                               "[0, 1]")
         if self.clip_norm is not None:
             _positive("optim.clip_norm", self.clip_norm)
+        if self.transition_begin < 0:
+            raise ConfigError(f"optim.transition_begin={self.transition_begin}: must be >= 0")
+        if self.transition_steps is not None:
+            _positive("optim.transition_steps", self.transition_steps)
+        _positive("optim.decay_rate", self.decay_rate)
+        shaped = self.transition_begin or self.transition_steps is not None
+        if shaped and self.schedule not in ("linear", "exponential"):
+            raise ConfigError(f"optim.transition_begin and optim.transition_steps shape the "
+                              f"linear and exponential schedules, not optim.schedule="
+                              f"{self.schedule}: set optim.schedule=linear or exponential")
 
 
 @dataclass
@@ -298,6 +317,12 @@ class TrainerConfig:
     eval_every_steps: int = 1000       # validation loss every N steps (and after the last)
     on_nonfinite: str = "stop"         # "stop": end FAILED at the first NaN/inf loss;
                                        # "skip": drop such updates and go on
+    max_skipped_fraction: float = 0.5  # skip: a member that dropped more than this share of
+                                       # its updates ends FAILED, with no test metrics
+    divergence_factor: Optional[float] = 1000.0  # a member whose (finite) train or validation
+                                       # loss exceeds this many times its loss on the training
+                                       # split before the first step has diverged: it stops
+                                       # there and ends FAILED (null: no such rule)
     patience: int = 0                  # early stopping: evaluations of the validation loss without
                                        # an improvement before a member stops (0 = off)
     min_delta: float = 0.0             # an evaluation improves when val_loss < best - min_delta
@@ -836,6 +861,13 @@ def validate(cfg: DictConfig) -> Config:
     if c.trainer.patience < 0:
         raise ConfigError(f"trainer.patience={c.trainer.patience}: must be >= 0 (0: no early "
                           "stopping; N: stop a member after N evaluations without improvement)")
+    if not 0 <= c.trainer.max_skipped_fraction < 1:  # catches NaN too
+        raise ConfigError(f"trainer.max_skipped_fraction={c.trainer.max_skipped_fraction}: must "
+                          "lie in [0, 1) (the share of dropped updates a run may have)")
+    factor = c.trainer.divergence_factor
+    if factor is not None and not factor > 1:  # catches NaN too
+        raise ConfigError(f"trainer.divergence_factor={factor}: must be > 1 (how many times "
+                          "its initial value the loss may reach), or null for no such rule")
     if not c.trainer.min_delta >= 0:  # catches NaN too
         raise ConfigError(f"trainer.min_delta={c.trainer.min_delta}: must be >= 0")
     g = c.gradcheck
@@ -854,6 +886,9 @@ def validate(cfg: DictConfig) -> Config:
     for key in ("num_steps", "steps_per_call", "log_every_steps", "eval_every_steps",
                 "checkpoint_keep"):
         _positive(f"trainer.{key}", getattr(c.trainer, key))
+    if not c.optim.transition_begin < c.trainer.num_steps:
+        raise ConfigError(f"optim.transition_begin={c.optim.transition_begin}: must be less "
+                          f"than trainer.num_steps={c.trainer.num_steps}")
     if not c.optim.warmup_steps < c.trainer.num_steps:
         raise ConfigError(f"optim.warmup_steps={c.optim.warmup_steps}: must be >= 0 and less "
                           f"than trainer.num_steps={c.trainer.num_steps}")

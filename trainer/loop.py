@@ -37,7 +37,8 @@ from .population import MemberLayout, init_params, member_layout, pad_members
 from .steps import (DeviceData, TrainState, check_scalar_loss, init_train_state, loss_for_task,
                     make_predict, make_train_chunk, make_train_step)
 
-__all__ = ["NonFiniteLossError", "GradcheckFailedError", "RunResult", "CountingCompiler",
+__all__ = ["TrainingFailedError", "NonFiniteLossError", "LossDivergedError", "MostlySkippedError",
+           "GradcheckFailedError", "RunResult", "CountingCompiler",
            "Run", "Chunk", "build_run", "run_chunks", "train_population", "train_and_evaluate",
            "check_worked_examples", "chunk_points", "chunk_timings", "gradcheck_steps",
            "record_figures", "evaluate_test", "SHUFFLE_STREAM", "GRADCHECK_STREAM"]
@@ -46,23 +47,59 @@ SHUFFLE_STREAM = 7919  # fold_in(key(seed), SHUFFLE_STREAM) is the shuffling key
 GRADCHECK_STREAM = 104729  # fold_in(key(seed), GRADCHECK_STREAM) draws the checks' samples
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss or gradient became NaN or infinite; ``step`` is the first such step."""
+class TrainingFailedError(RuntimeError):
+    """A run trained but its result is not one: ``step`` is where it was judged failed."""
 
-    def __init__(self, step: int, learning_rate: float):
+    def __init__(self, message: str, step: int):
         self.step = step
-        super().__init__(
-            f"the loss became NaN or infinite at step {step}; training stopped. The learning "
-            f"rate ({learning_rate:g}) is probably too large: try a smaller "
+        super().__init__(message)
+
+
+def _smaller_rate(learning_rate: float) -> str:
+    return (f"The learning rate ({learning_rate:g}) is probably too large: try a smaller "
             f"optim.learning_rate (e.g. {learning_rate / 10:g}) or set optim.clip_norm")
 
 
+class NonFiniteLossError(TrainingFailedError):
+    """The loss or gradient became NaN or infinite; ``step`` is the first such step."""
+
+    def __init__(self, step: int, learning_rate: float):
+        super().__init__(f"the loss became NaN or infinite at step {step}; training stopped. "
+                         + _smaller_rate(learning_rate), step)
+
+
+class LossDivergedError(TrainingFailedError):
+    """The finite loss exceeded ``trainer.divergence_factor`` times its initial value
+    (case C24); ``step`` is the first such step."""
+
+    def __init__(self, step: int, learning_rate: float, *, factor: float, initial_loss: float):
+        super().__init__(
+            f"the loss exceeded {factor:g} times its initial value ({initial_loss:.4g}) at "
+            f"step {step} (trainer.divergence_factor); training stopped. "
+            + _smaller_rate(learning_rate), step)
+
+
+class MostlySkippedError(TrainingFailedError):
+    """With ``trainer.on_nonfinite=skip``, more than ``trainer.max_skipped_fraction`` of
+    a member's updates were dropped (issue 14.12); ``step`` is the first dropped one."""
+
+    def __init__(self, step: int, learning_rate: float, *, skipped: int, steps: int,
+                 max_fraction: float):
+        super().__init__(
+            f"trainer.on_nonfinite=skip dropped {skipped} of the {steps} updates "
+            f"({skipped / steps:.0%}, more than trainer.max_skipped_fraction={max_fraction:g}), "
+            f"the first at step {step}: what trained is not a result. "
+            + _smaller_rate(learning_rate), step)
+
+
 def chunk_points(metrics, member: int = 0, *, log_every_steps: int,
-                 stop_before: int | None = None) -> list[tuple[str, float, int]]:
+                 stop_before: int | None = None,
+                 last_step: int | None = None) -> list[tuple[str, float, int]]:
     """Turn one chunk's host metrics into ``(name, value, step)`` points of one member.
 
-    Train metrics are kept at the steps ``s`` with ``s % log_every_steps == 0`` where
-    the member was active; ``val_loss`` wherever it was evaluated. Values are Python
+    Train metrics are kept at the steps ``s`` with ``s % log_every_steps == 0``, and at
+    ``last_step`` (the run's last, ``num_steps - 1``), where the member was active;
+    ``val_loss`` wherever it was evaluated. Values are Python
     floats and steps Python ints (case C08). With ``stop_before``, steps from there on
     are left out (a member's first non-finite step, or the step after the evaluation
     that stopped it early).
@@ -74,7 +111,8 @@ def chunk_points(metrics, member: int = 0, *, log_every_steps: int,
     """
     step_metrics, eval_metrics = metrics
     steps = step_metrics["step"]
-    keep = step_metrics["active"][:, member].astype(bool) & (steps % log_every_steps == 0)
+    keep = step_metrics["active"][:, member].astype(bool) & (
+        (steps % log_every_steps == 0) | (steps == last_step))
     if stop_before is not None:
         keep &= steps < stop_before
     points = []
@@ -193,7 +231,8 @@ def build_run(members: list, datasets: list[Dataset], *, loss_fn: Callable | Non
                                    for name in ("x_train", "y_train", "x_val", "y_val"))))
     steps_per_call = min(cfg.trainer.steps_per_call, num_steps)
     train_step = make_train_step(graphdef, optimizer, loss_fn,
-                                 skip_nonfinite=cfg.trainer.on_nonfinite == "skip")
+                                 skip_nonfinite=cfg.trainer.on_nonfinite == "skip",
+                                 divergence_factor=cfg.trainer.divergence_factor)
     chunk = make_train_chunk(train_step, graphdef, loss_fn, num_steps=num_steps,
                              steps_per_call=steps_per_call, batch_size=batch_size,
                              eval_every_steps=cfg.trainer.eval_every_steps,
@@ -227,6 +266,10 @@ class Chunk:
       interval_s: seconds from the previous chunk's results to this one's.
       early_stop_step: ``(M,)`` the step after which each member stopped early (its
         last logged step), or -1 (``TrainState.early_stop_step``).
+      diverged_step: ``(M,)`` each member's first step above the divergence limit, or -1
+        (``TrainState.diverged_step``).
+      last_step_loss: ``(M,)`` each member's training loss at the run's last step, NaN
+        before it ran (``TrainState.last_step_loss``).
     """
 
     index: int
@@ -238,6 +281,8 @@ class Chunk:
     state: TrainState
     interval_s: float
     early_stop_step: np.ndarray
+    diverged_step: np.ndarray
+    last_step_loss: np.ndarray
 
 
 def run_chunks(run: Run, done_at: list[float]) -> Iterator[Chunk]:
@@ -260,12 +305,13 @@ def run_chunks(run: Run, done_at: list[float]) -> Iterator[Chunk]:
         if c + 1 < len(ends):
             pending = run.chunk_fn(state, run.data)
         # one device-to-host transfer per chunk: metrics, the non-finite and stop records
-        metrics, first_bad, active, early_stop = jax.device_get(
-            (metrics, state.nonfinite_step, state.active, state.early_stop_step))
+        metrics, first_bad, active, early_stop, diverged, last_loss = jax.device_get(
+            (metrics, state.nonfinite_step, state.active, state.early_stop_step,
+             state.diverged_step, state.last_step_loss))
         done_at.append(time.perf_counter())
         start = ends[c - 1] if c else run.start_step
         chunk = Chunk(c, end, end - start, metrics, first_bad, active, state,
-                      done_at[-1] - done_at[-2], early_stop)
+                      done_at[-1] - done_at[-2], early_stop, diverged, last_loss)
         last = c + 1 == len(ends) or not active[:run.layout.num_members].any()
         if last:
             jax.block_until_ready(state)
@@ -285,18 +331,27 @@ class MemberRecord:
 
     Attributes:
       history: ``{name: (steps, values)}`` as logged.
-      failed_step: with ``on_nonfinite="stop"``, the member's first non-finite step.
+      failed_step: the member's first step above the divergence limit or, with
+        ``on_nonfinite="stop"``, its first non-finite step, whichever came first.
+      diverged: the failure was the divergence limit (else a non-finite loss).
+      skipped: ``(dropped updates, steps trained)`` when too many of the member's updates
+        were dropped (``trainer.max_skipped_fraction``), else None.
       early_stopped_at_step: where early stopping stopped the member (the step of its
         last evaluation, tag ``early_stopped_at_step``), or None. Not a failure.
     """
 
     def __init__(self, index: int, tracker, *, log_every_steps: int, stop_on_nonfinite: bool,
-                 history: dict[str, tuple[list[int], list[float]]] | None = None):
+                 history: dict[str, tuple[list[int], list[float]]] | None = None,
+                 num_steps: int | None = None, last_learning_rate: float = math.nan):
         self.index, self.tracker = index, tracker
         self._every, self._stop = log_every_steps, stop_on_nonfinite
+        self._last = None if num_steps is None else num_steps - 1
+        self._last_rate = last_learning_rate
         self.history = {k: (list(s), list(v)) for k, (s, v) in (history or {}).items()}
         self._logged_through = {k: max(s) for k, (s, _) in self.history.items() if s}
         self.failed_step: int | None = None
+        self.diverged = False
+        self.skipped: tuple[int, int] | None = None
         self.early_stopped_at_step: int | None = None
 
     def __call__(self, chunk: Chunk) -> None:
@@ -304,11 +359,21 @@ class MemberRecord:
             return
         first_bad = int(chunk.nonfinite_step[self.index])
         stop_before = first_bad if first_bad >= 0 and self._stop else None
+        diverged = int(chunk.diverged_step[self.index])
+        if diverged >= 0 and (stop_before is None or diverged < stop_before):
+            stop_before, self.diverged = diverged, True
         early = int(chunk.early_stop_step[self.index])
         if early >= 0:  # stopped at an evaluation: keep that evaluation's point, none after
             stop_before = early + 1 if stop_before is None else min(stop_before, early + 1)
         points = chunk_points(chunk.metrics, self.index, log_every_steps=self._every,
-                              stop_before=stop_before)
+                              stop_before=stop_before, last_step=self._last)
+        last = self._last
+        if (last is not None and chunk.end == last + 1 and (stop_before is None or last < stop_before)
+                and not any(p[2] == last and p[0] == "train_loss" for p in points)):
+            # off the block grid: the loss the state kept, the schedule's rate (no gradient
+            # norm: computing it at every step would halve a small net's steps/s)
+            points += [("train_loss", float(chunk.last_step_loss[self.index]), last),
+                       ("learning_rate", self._last_rate, last)]
         if self._logged_through:
             points = [p for p in points if p[2] > self._logged_through.get(p[0], -1)]
         self.tracker.log_metrics([(names.record_curve(name), value, step)
@@ -359,8 +424,11 @@ class RunResult:
         ``gradcheck_passed`` is False if any failed (None when none ran).
       num_params: trainable scalars of one member (a shared matrix counts once).
       num_steps: steps run; nonfinite_steps: the member's steps whose update was dropped.
-      failed_step: the member's first non-finite step when it stopped there
-        (``trainer.on_nonfinite=stop``), else None.
+      failed_step: the step where the member failed: its first non-finite step when it
+        stopped there (``trainer.on_nonfinite=stop``), its first step above the
+        divergence limit (``trainer.divergence_factor``); else None.
+      error: why it failed, as the exception ``train_and_evaluate`` raises (its message
+        is the run's ``error`` tag); None for a member that did not fail.
       history: host copies of the logged curves, ``{name: (steps, values)}``: every
         step trained, also after ``best_step``.
       params: the member's final params (a host pytree); with early stopping
@@ -389,6 +457,7 @@ class RunResult:
     best_step: int | None = None
     best_val_loss: float | None = None
     early_stopped_at_step: int | None = None
+    error: TrainingFailedError | None = None
 
 
 def train_population(members: list, datasets: list[Dataset], trackers: list, *,
@@ -471,6 +540,11 @@ def _train(members: list, datasets: list[Dataset], trackers: list, renderer, sav
     cfg, tcfg = members[0], members[0].trainer
     device = jax.devices()[0]
     device_name = f"{jax.default_backend()} ({device.device_kind})"
+    depth = len(getattr(cfg.model, "hidden", ()))
+    if console is not None and depth > DEEP_LAYERS:  # said before the compilation starts
+        console.print(f"[yellow]model.hidden has {depth} layers: the compiled training step "
+                      f"unrolls every layer, so its compilation grows with depth (200 layers of "
+                      f"width 4: about 2 minutes on 2 CPU cores) before step 0[/]")
     run = build_run(members, datasets, loss_fn=loss_fn,
                     checkpoints=saver.checkpoints if plan and plan.resume else None)
     checks = [Gradchecker(m.gradcheck, run.graphdef, run.loss_fn, d, t, console,
@@ -487,7 +561,9 @@ def _train(members: list, datasets: list[Dataset], trackers: list, renderer, sav
             check(_member(run.state.params, m), step=0)
     check_after = gradcheck_steps(cfg.gradcheck.every_steps, run.chunk_ends)
     records = [MemberRecord(m, t, log_every_steps=tcfg.log_every_steps,
-                            stop_on_nonfinite=tcfg.on_nonfinite == "stop", history=h)
+                            stop_on_nonfinite=tcfg.on_nonfinite == "stop", history=h,
+                            num_steps=run.num_steps,
+                            last_learning_rate=learning_rate_at(members[m], run.num_steps - 1))
                for m, (t, h) in enumerate(zip(trackers, histories))]
     # saves are due as checks are: at the first chunk end at or after each multiple
     save_after = gradcheck_steps(plan.every_steps, run.chunk_ends) if plan else set()
@@ -503,7 +579,8 @@ def _train(members: list, datasets: list[Dataset], trackers: list, renderer, sav
                     saver.offer(chunk.state, document=plan.document, val_loss=val)
                 if chunk.index == 0 and run.start_step == 0:
                     _print_step0(console, chunk.metrics, len(members))
-                progress(chunk.end, _best_loss(records), chunk.steps / chunk.interval_s)
+                progress(chunk.end, progress_loss(chunk, records, run.num_steps),
+                         chunk.steps / chunk.interval_s)
                 if chunk.end in check_after and chunk.end < run.num_steps:
                     for m, check in enumerate(checks):
                         if records[m].failed_step is None:
@@ -541,15 +618,44 @@ def train_and_evaluate(cfg, dataset: Dataset, tracker, *, console=None,
     Raises:
       NonFiniteLossError: a NaN or infinite loss with ``trainer.on_nonfinite=stop``
         (case C07); the points before it are logged first.
+      LossDivergedError: the loss exceeded ``trainer.divergence_factor`` times its
+        initial value (case C24); likewise.
       GradcheckFailedError, ValueError: as ``train_population``.
     """
     (result,) = train_population([cfg], [dataset], [tracker], console=console,
                                  loss_fn=loss_fn, workdir=workdir, checkpoint=checkpoint,
                                  histories=[history])
-    if result.failed_step is not None:
-        raise NonFiniteLossError(result.failed_step,
-                                 learning_rate_at(cfg, result.failed_step))
+    if result.error is not None:
+        raise result.error
     return result
+
+
+def _judge_skipped(cfg, record: MemberRecord, first_bad: int, skipped: int,
+                   num_steps: int) -> None:
+    """Mark ``record`` failed when more than ``trainer.max_skipped_fraction`` of the
+    updates its member took were dropped (``on_nonfinite=skip``); its points stay."""
+    if record.failed_step is not None or not skipped:
+        return
+    early = record.early_stopped_at_step
+    steps = num_steps if early is None else early + 1
+    if skipped / steps > cfg.trainer.max_skipped_fraction:
+        record.failed_step, record.skipped = first_bad, (skipped, steps)
+        record.tracker.set_tags({"mostly_skipped": f"{skipped} of {steps} updates dropped"})
+
+
+def _failure(cfg, record: MemberRecord, initial_loss: float) -> TrainingFailedError | None:
+    """Why ``record``'s member failed, as an exception to raise or tag; None if it did not."""
+    step = record.failed_step
+    if step is None:
+        return None
+    if record.skipped is not None:
+        skipped, steps = record.skipped
+        return MostlySkippedError(step, learning_rate_at(cfg, step), skipped=skipped,
+                                  steps=steps, max_fraction=cfg.trainer.max_skipped_fraction)
+    if record.diverged:
+        return LossDivergedError(step, learning_rate_at(cfg, step),
+                                 factor=cfg.trainer.divergence_factor, initial_loss=initial_loss)
+    return NonFiniteLossError(step, learning_rate_at(cfg, step))
 
 
 def learning_rate_at(cfg, step: int) -> float:
@@ -576,6 +682,13 @@ def _tag_start(run: Run, trackers: list, console, device_name: str) -> None:
         tracker.set_tags(tags)
         tracker.log_params(constants)
         tracker.log_datasets(mlflow_model.dataset_inputs(dataset))  # meanwhile, in the writer
+    few = _train_points(run.start_step, run.num_steps, run.cfg.trainer.log_every_steps)
+    if console is not None and few < FEW_POINTS:
+        every = run.cfg.trainer.log_every_steps
+        console.print(f"[yellow]trainer.log_every_steps={every} leaves {few} point(s) on the "
+                      f"training curves of these {run.num_steps - run.start_step} steps (steps "
+                      f"divisible by {every}, and the last step): set a smaller "
+                      f"trainer.log_every_steps for a curve[/]")
     if console is not None:
         members = len(run.members)
         shape = "" if members == 1 else (f" | {members} members on {run.layout.num_devices} "
@@ -584,6 +697,17 @@ def _tag_start(run: Run, trackers: list, console, device_name: str) -> None:
         if clamped:
             console.print(f"data.batch_size={run.cfg.data.batch_size} is more than the "
                           f"{n_train} training rows: each step uses all {n_train}")
+
+
+DEEP_LAYERS = 32  # hidden layers past which the run warns of a long compilation (issue 13.4)
+FEW_POINTS = 5  # fewer train-curve points than this is no curve: the run says so
+
+
+def _train_points(start: int, num_steps: int, every: int) -> int:
+    """Train-curve points of steps ``start .. num_steps - 1``: every ``every``-th step and
+    the last one."""
+    on_grid = len(range(-(-start // every) * every, num_steps, every))
+    return on_grid + ((num_steps - 1) % every != 0 and num_steps > start)
 
 
 def _print_step0(console, metrics, members: int) -> None:
@@ -595,10 +719,23 @@ def _print_step0(console, metrics, members: int) -> None:
                   f"gradient norm {float(step_metrics['grad_norm'][0, 0]):.8g}")
 
 
-def _best_loss(records: list[MemberRecord]) -> float:
-    last = [r.history["train_loss"][1][-1] for r in records
-            if r.failed_step is None and r.history.get("train_loss")]
-    return min(last) if last else float("nan")
+def progress_loss(chunk: Chunk, records: list[MemberRecord], num_steps: int) -> float:
+    """The loss the progress bar shows after ``chunk``: the lowest, over the members still
+    training, of each one's training loss at the latest step the chunk measured (the
+    run's last step after the last chunk), not the last logged point, which a partial
+    chunk may not hold (issue 13.6); NaN when none."""
+    step_metrics = chunk.metrics[0]
+    latest = []
+    for r in records:
+        if r.failed_step is not None or r.early_stopped_at_step is not None:
+            continue
+        if chunk.end == num_steps and np.isfinite(chunk.last_step_loss[r.index]):
+            latest.append(float(chunk.last_step_loss[r.index]))
+            continue
+        rows = np.flatnonzero(step_metrics["active"][:, r.index])
+        if rows.size:
+            latest.append(float(step_metrics["train_loss"][rows[-1], r.index]))
+    return min(latest) if latest else math.nan
 
 
 def _finish(run: Run, state: TrainState, records: list[MemberRecord], checks: list,
@@ -609,8 +746,9 @@ def _finish(run: Run, state: TrainState, records: list[MemberRecord], checks: li
     metrics and saved params are those of each member's ``best_step`` (its final ones
     where no evaluation gave a finite loss)."""
     members, num_steps = run.members, run.num_steps
-    first_bad, nonfinite, best_step, best_val = (np.asarray(v) for v in jax.device_get(
-        (state.nonfinite_step, state.nonfinite_count, state.best_step, state.best_val_loss)))
+    first_bad, nonfinite, best_step, best_val, initial = (np.asarray(v) for v in jax.device_get(
+        (state.nonfinite_step, state.nonfinite_count, state.best_step, state.best_val_loss,
+         state.initial_loss)))
     early_stopping = run.cfg.trainer.patience > 0
     host_params = jax.device_get(state.params)
     if early_stopping:  # each member's best params, where an evaluation gave one
@@ -652,6 +790,7 @@ def _finish(run: Run, state: TrainState, records: list[MemberRecord], checks: li
             if first_bad[m] >= 0:
                 tracker.set_tags({"first_nonfinite_step": str(int(first_bad[m])),
                                   "nonfinite_steps": str(int(nonfinite[m]))})
+            _judge_skipped(cfg, record, int(first_bad[m]), int(nonfinite[m]), num_steps)
             params = _member(host_params, m)
             test, final = {}, []
             if record.failed_step is None:
@@ -695,7 +834,8 @@ def _finish(run: Run, state: TrainState, records: list[MemberRecord], checks: li
                 gradcheck_passed=check.passed, failed_step=record.failed_step,
                 best_step=int(best_step[m]) if best else None,
                 best_val_loss=float(best_val[m]) if best else None,
-                early_stopped_at_step=record.early_stopped_at_step))
+                early_stopped_at_step=record.early_stopped_at_step,
+                error=_failure(cfg, record, float(initial[m]))))
             finals.append(final)
         renderer.finish()
         for tracker in trackers:  # the models are read from ``root`` meanwhile

@@ -22,7 +22,7 @@ __all__ = ["OPTIMIZERS", "SCHEDULES", "Optimizer", "make_optimizer", "make_sched
            "hyperparams"]
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
-SCHEDULES = ("constant", "cosine", "warmup_cosine")
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "linear", "exponential")
 
 
 def make_schedule(optim, num_steps: int) -> Callable[..., optax.Schedule]:
@@ -33,11 +33,19 @@ def make_schedule(optim, num_steps: int) -> Callable[..., optax.Schedule]:
     from ``learning_rate`` to ``final_lr_fraction * learning_rate`` over ``num_steps``
     (Loshchilov & Hutter 2017, SGDR, without restarts). ``warmup_cosine``:
     ``optax.warmup_cosine_decay_schedule``, linear warm-up from 0 over ``warmup_steps``,
-    then the same cosine decay.
+    then the same cosine decay. ``linear``: ``optax.linear_schedule`` from
+    ``learning_rate`` to ``final_lr_fraction * learning_rate`` over ``transition_steps``
+    steps (None: to the end of the run) after ``transition_begin`` constant ones.
+    ``exponential``: ``optax.exponential_decay``, ``learning_rate * decay_rate **
+    ((step - transition_begin) / transition_steps)`` (None: ``num_steps``), floored with
+    ``staircase``, never below ``final_lr_fraction * learning_rate`` (a ``decay_rate`` of 1
+    or more grows the rate, unbounded).
 
     Args:
-      optim: needs ``schedule`` and ``warmup_steps`` (structural: the same for every
-        member).
+      optim: needs ``schedule``, ``warmup_steps`` and, for ``linear`` and
+        ``exponential``, ``transition_steps``, ``transition_begin``, ``decay_rate`` and
+        ``staircase`` (structural: the same for every member; optax's
+        ``exponential_decay`` branches on ``decay_rate`` in Python).
       num_steps: the run's total number of steps.
 
     Returns:
@@ -50,6 +58,9 @@ def make_schedule(optim, num_steps: int) -> Callable[..., optax.Schedule]:
     kind, warmup = optim.schedule, optim.warmup_steps
     if kind not in SCHEDULES:
         raise ValueError(f"unknown schedule {kind!r}; choose one of {', '.join(SCHEDULES)}")
+    begin = getattr(optim, "transition_begin", 0)
+    transition = getattr(optim, "transition_steps", None)
+    decay_rate, staircase = getattr(optim, "decay_rate", 0.1), getattr(optim, "staircase", False)
 
     def schedule_for(learning_rate, final_lr_fraction) -> optax.Schedule:
         if kind == "constant":
@@ -57,6 +68,16 @@ def make_schedule(optim, num_steps: int) -> Callable[..., optax.Schedule]:
         if kind == "cosine":
             return optax.cosine_decay_schedule(learning_rate, decay_steps=max(num_steps, 1),
                                                alpha=final_lr_fraction)
+        if kind == "linear":
+            return optax.linear_schedule(
+                init_value=learning_rate, end_value=learning_rate * final_lr_fraction,
+                transition_steps=transition or max(num_steps - begin, 1),
+                transition_begin=begin)
+        if kind == "exponential":
+            return optax.exponential_decay(
+                init_value=learning_rate, transition_steps=transition or max(num_steps, 1),
+                decay_rate=decay_rate, transition_begin=begin, staircase=staircase,
+                end_value=learning_rate * final_lr_fraction if decay_rate < 1 else None)
         return optax.warmup_cosine_decay_schedule(
             init_value=0.0, peak_value=learning_rate, warmup_steps=warmup,
             decay_steps=max(num_steps, warmup + 1), end_value=learning_rate * final_lr_fraction)

@@ -87,6 +87,9 @@ def pad_members(rows: list, size: int) -> list:
     return rows + [rows[0]] * (size - len(rows))
 
 
+JIT_INIT_MAX_LEAVES = 64  # param arrays up to which the init is one jitted program
+
+
 def init_params(spec: ModelSpec, seeds: list[int], init_scales: list[float]):
     """The members' initial params, as each would be drawn alone.
 
@@ -94,7 +97,11 @@ def init_params(spec: ModelSpec, seeds: list[int], init_scales: list[float]):
     key=jax.random.key(seeds[m]))``; ``jax.vmap`` draws them all at once (threefry
     draws under ``vmap`` are the same bits as one by one), inside one ``jax.jit``:
     one compilation (a hit in the persistent cache on a second run) where the same
-    init run eagerly compiles each of its operations, ~1 s on a 2-core CPU.
+    init run eagerly compiles each of its operations, ~1 s on a 2-core CPU. A model of
+    more than ``JIT_INIT_MAX_LEAVES`` arrays is drawn eagerly instead: its layers repeat
+    the same operations, which eager dispatch compiles once each, while one program
+    holding every layer's draw grows with depth (issue 13.4: 200 layers of width 4 spent
+    minutes compiling their init before the first step).
 
     Returns:
       ``(graphdef, params)``: params leaves ``(M, ...)`` float32.
@@ -106,9 +113,11 @@ def init_params(spec: ModelSpec, seeds: list[int], init_scales: list[float]):
         model = init_model(dataclasses.replace(spec, init_scale=scale), key=key)
         return nnx.split(model, nnx.Param)[1]
 
-    @jax.jit
     def draw(seeds, scales):
         return jax.vmap(one)(jax.vmap(jax.random.key)(seeds), scales)
+
+    if len(jax.tree.leaves(nnx.split(abstract, nnx.Param)[1])) <= JIT_INIT_MAX_LEAVES:
+        draw = jax.jit(draw)
 
     params = draw(jnp.asarray(seeds, jnp.uint32), jnp.asarray(init_scales, jnp.float32))
     return graphdef, params

@@ -62,6 +62,15 @@ class TrainState(NamedTuple):
         early stopping; else ``()`` (nothing stored, nothing copied).
       early_stop_step: ``(M,)`` int32, the step after which the evaluation that stopped
         the member early happened (its last logged step), or -1.
+      initial_loss: ``(M,)`` float32, each member's loss on its whole training split
+        before its first update, the base of the divergence rule (``make_train_chunk``
+        computes it at step 0); NaN until then, or where it was not positive (no rule).
+      diverged_step: ``(M,)`` int32, each member's first step whose finite loss exceeded
+        ``divergence_factor * initial_loss`` (the training loss at that step, or the
+        validation loss logged at that step), or -1. The member stopped there.
+      last_step_loss: ``(M,)`` float32, the training loss of the run's last step
+        (``num_steps - 1``), kept by ``make_train_chunk`` also off the logging grid;
+        NaN until that step has run.
     """
 
     step: jax.Array
@@ -76,6 +85,9 @@ class TrainState(NamedTuple):
     evals_since_best: jax.Array
     best_params: Any
     early_stop_step: jax.Array
+    initial_loss: jax.Array
+    diverged_step: jax.Array
+    last_step_loss: jax.Array
 
 
 class DeviceData(NamedTuple):
@@ -190,6 +202,9 @@ class MemberState(NamedTuple):
     evals_since_best: jax.Array
     best_params: Any
     early_stop_step: jax.Array
+    initial_loss: jax.Array
+    diverged_step: jax.Array
+    last_step_loss: jax.Array
 
 
 def _members(state: TrainState) -> MemberState:
@@ -225,11 +240,14 @@ def init_train_state(params, optimizer: Optimizer, values: dict[str, jax.Array],
                       best_step=jnp.full((m,), -1, jnp.int32),
                       evals_since_best=jnp.zeros((m,), jnp.int32),
                       best_params=jax.tree.map(jnp.copy, params) if track_best else (),
-                      early_stop_step=jnp.full((m,), -1, jnp.int32))
+                      early_stop_step=jnp.full((m,), -1, jnp.int32),
+                      initial_loss=jnp.full((m,), jnp.nan, jnp.float32),
+                      diverged_step=jnp.full((m,), -1, jnp.int32),
+                      last_step_loss=jnp.full((m,), jnp.nan, jnp.float32))
 
 
 def make_member_step(graphdef, optimizer: Optimizer, loss_fn: LossFn, *,
-                     skip_nonfinite: bool = False):
+                     skip_nonfinite: bool = False, divergence_factor: float | None = None):
     """Build ``member_step(step, member, (x, y)) -> (member, metrics)``: one optimizer
     update of ONE member (``MemberState``) at the shared ``step``, on its batch ``x``
     ``(B, D)`` float32, ``y`` ``(B, T)`` (or ``(B,)`` labels).
@@ -244,6 +262,10 @@ def make_member_step(graphdef, optimizer: Optimizer, loss_fn: LossFn, *,
         whose loss or gradient is not finite is dropped and it goes on. Either way that
         update is never applied, and ``nonfinite_step`` / ``nonfinite_count`` record
         it, on the device.
+      divergence_factor: a member whose finite loss exceeds ``divergence_factor`` times
+        its ``initial_loss`` has diverged (case C24: a loss of 1e30 is finite): that
+        update is not applied, ``diverged_step`` records the step and the member stops,
+        in either mode. None: no such rule (nothing compiled for it).
 
     Returns metrics (``()`` each): ``train_loss``, ``grad_norm`` (global L2 norm of the
     gradient, ``optax.tree.norm``), ``learning_rate`` (the rate this step applies),
@@ -267,7 +289,10 @@ def make_member_step(graphdef, optimizer: Optimizer, loss_fn: LossFn, *,
         finite = jnp.isfinite(loss)
         if skip_nonfinite:
             finite &= jnp.isfinite(grad_norm)
-        apply = finite & active
+        # a NaN initial loss (not yet computed, or not positive) compares False: no limit
+        diverged = (active & finite & (loss > divergence_factor * member.initial_loss)
+                    if divergence_factor is not None else jnp.zeros((), bool))
+        apply = finite & active & ~diverged
         if skip_nonfinite:  # the member goes on: keep its optimizer state as it was
             keep = lambda new, old: jnp.where(apply, new, old)  # noqa: E731
             new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
@@ -280,7 +305,9 @@ def make_member_step(graphdef, optimizer: Optimizer, loss_fn: LossFn, *,
             nonfinite_step=jnp.where((member.nonfinite_step < 0) & bad, step,
                                      member.nonfinite_step),
             nonfinite_count=member.nonfinite_count + bad.astype(jnp.int32),
-            active=active if skip_nonfinite else active & ~bad)
+            active=(active if skip_nonfinite else active & ~bad) & ~diverged,
+            diverged_step=jnp.where((member.diverged_step < 0) & diverged, step,
+                                    member.diverged_step))
         metrics = {"train_loss": loss, "grad_norm": grad_norm,
                    "learning_rate": optimizer.learning_rate(opt_state, step), "finite": finite,
                    "active": active}
@@ -290,14 +317,16 @@ def make_member_step(graphdef, optimizer: Optimizer, loss_fn: LossFn, *,
 
 
 def make_train_step(graphdef, optimizer: Optimizer, loss_fn: LossFn, *,
-                    skip_nonfinite: bool = False):
+                    skip_nonfinite: bool = False, divergence_factor: float | None = None):
     """Build ``train_step(state, (x, y)) -> (state, metrics)``: one optimizer update of
     every member (``make_member_step`` mapped over the member axis).
 
     The batch is ``x`` ``(M, B, D)`` float32 and ``y`` ``(M, B, T)`` (or ``(M, B)``
-    labels); metrics are those of ``make_member_step``, each ``(M,)``.
+    labels); metrics are those of ``make_member_step``, each ``(M,)``. The divergence
+    rule needs ``state.initial_loss``, which ``make_train_chunk`` fills in at step 0.
     """
-    member_step = make_member_step(graphdef, optimizer, loss_fn, skip_nonfinite=skip_nonfinite)
+    member_step = make_member_step(graphdef, optimizer, loss_fn, skip_nonfinite=skip_nonfinite,
+                                   divergence_factor=divergence_factor)
 
     def train_step(state: TrainState, batch):
         members, metrics = over_members(member_step, in_axes=(None, 0, 0))(
@@ -305,6 +334,7 @@ def make_train_step(graphdef, optimizer: Optimizer, loss_fn: LossFn, *,
         return TrainState(state.step + 1, *members), metrics
 
     train_step.member_step = member_step
+    train_step.divergence_factor = divergence_factor
     return train_step
 
 
@@ -398,8 +428,16 @@ def make_train_chunk(train_step, graphdef, loss_fn: LossFn, *, num_steps: int,
     ``best_params`` take the evaluation's values, ``evals_since_best`` goes to 0); any
     other evaluation adds 1 to ``evals_since_best``, and at ``patience`` the member
     stops: ``active`` turns False (``make_member_step`` masks its updates from then on)
-    and ``early_stop_step`` records the evaluation's step. The evaluation after the
+    and ``early_stop_step`` records the evaluation's step. The last step's training loss
+    is kept in ``last_step_loss`` (the block grid may not hold that step). The evaluation after the
     last step (``num_steps``) never stops a member: it has finished anyway.
+
+    Divergence (``train_step.divergence_factor`` set, case C24): a chunk that starts at
+    step 0 first computes each member's ``initial_loss`` on its whole training split
+    (one ``lax.cond`` per chunk); a step's training loss above ``divergence_factor *
+    initial_loss`` stops the member (``make_member_step``), and so does a validation
+    loss above it, at the step its point is logged (``val_step``), so no point or
+    result above the limit is ever reported.
 
     Args:
       train_step: from ``make_train_step`` (its ``member_step`` is used).
@@ -415,7 +453,7 @@ def make_train_chunk(train_step, graphdef, loss_fn: LossFn, *, num_steps: int,
       evaluated), ``val_step`` ``(n_blocks,)`` int32 (the step after which it was
       computed) and ``evaluated`` ``(n_blocks,)`` bool. ``n_blocks = steps_per_call // b``.
     """
-    member_step = train_step.member_step
+    member_step, factor = train_step.member_step, train_step.divergence_factor
     block = math.gcd(steps_per_call, eval_every_steps, log_every_steps)
     n_blocks = steps_per_call // block
     ragged = num_steps % steps_per_call != 0  # the last chunk runs past num_steps
@@ -443,6 +481,10 @@ def make_train_chunk(train_step, graphdef, loss_fn: LossFn, *, num_steps: int,
             step, m = carry
             batch = (data.x_train, data.y_train) if full_batch else batch
             m, metrics = member_step(step, m, batch)
+            # the last step's loss, also off the block grid: a scalar select per step (its
+            # metrics row would cost a gradient norm, or a second copy of the block)
+            m = m._replace(last_step_loss=jnp.where(step == num_steps - 1,
+                                                    metrics["train_loss"], m.last_step_loss))
             return (step + 1, m), {**metrics, "step": step}
 
         # Mask whole blocks when num_steps falls on a block boundary, else single steps.
@@ -461,6 +503,11 @@ def make_train_chunk(train_step, graphdef, loss_fn: LossFn, *, num_steps: int,
 
         def val_loss(params):
             return loss_fn(nnx.merge(graphdef, params)(data.x_val), data.y_val)
+
+        def initial_loss(params):
+            """The divergence rule's base: NaN (no rule) unless positive."""
+            loss = loss_fn(nnx.merge(graphdef, params)(data.x_train), data.y_train)
+            return jnp.where(loss > 0, loss, jnp.nan).astype(jnp.float32)
 
         def track_best(step, m: MemberState):
             """Evaluate ``m`` after ``step`` steps and update its early-stopping record."""
@@ -495,11 +542,18 @@ def make_train_chunk(train_step, graphdef, loss_fn: LossFn, *, num_steps: int,
                                   lambda m: (nan, m), m)
             else:
                 val = lax.cond(evaluated, lambda: val_loss(m.params), lambda: nan)
+            if factor is not None:  # the logged point at step - 1 is above the limit
+                over = evaluated & m.active & (val > factor * m.initial_loss)
+                m = m._replace(active=m.active & ~over, diverged_step=jnp.where(
+                    over & (m.diverged_step < 0), step - 1, m.diverged_step))
             return (step, m), (metrics, {"val_loss": val, "val_step": step - 1,
                                          "evaluated": evaluated})
 
         block_fn = _masked(one_block, num_steps) if ragged and not num_steps % block \
             else one_block
+        if factor is not None:
+            member = member._replace(initial_loss=lax.cond(
+                step0 == 0, initial_loss, lambda p: member.initial_loss, member.params))
         (step, member), (step_metrics, eval_metrics) = lax.scan(
             lambda c, _: block_fn(c), (step0, member), None, length=n_blocks)
         shared_step = {"step": step_metrics.pop("step")}

@@ -176,23 +176,23 @@ def _upload(client, store: Store, parent_id: str, plan) -> None:
 def _train_members(configs: list, datasets: list, trackers: list, *, checkpoint, console,
                    err_console, histories: list | None = None) -> list:
     """``loop.train_population``, then each diverged member's run marked to end FAILED."""
-    from .loop import learning_rate_at, train_population
+    from .loop import train_population
 
     results = train_population(configs, datasets, trackers, console=console,
                                checkpoint=checkpoint, histories=histories)
-    for c, tracker, result in zip(configs, trackers, results):
+    for tracker, result in zip(trackers, results):
         tracker.set_tags({record.NOTE_TAG: record.describe(result)})
-        if result.failed_step is not None:
-            rate = learning_rate_at(c, result.failed_step)
-            tracker.set_tags({"error": f"the loss became NaN or infinite at step "
-                                       f"{result.failed_step} (learning rate {rate:g})"})
+        if result.error is not None:
+            tracker.set_tags({"error": str(result.error)})
             tracker.end_status = "FAILED"
-    failed = sum(r.failed_step is not None for r in results)
+    failed = sum(r.error is not None for r in results)
     if failed:
         others = "the others trained on" if failed < len(results) else "none finished"
         err_console.print(f"[bold red]diverged:[/] {failed} of {len(results)} members "
-                          f"reached a NaN or infinite loss; their runs ended FAILED, {others} "
-                          "(try a smaller optim.learning_rate or set optim.clip_norm)")
+                          f"reached a NaN, infinite or diverging loss (trainer.divergence_factor"
+                          f") or dropped most updates (trainer.max_skipped_fraction); their runs "
+                          f"ended FAILED, {others} (try a smaller optim.learning_rate or set "
+                          "optim.clip_norm)")
     return results
 
 
