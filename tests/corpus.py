@@ -166,6 +166,11 @@ CSV_FILES = [
 HUGE = "99999999999999999999"       # past int64
 INT32 = "2147483648"                # past int32, the device's step counter
 U, F, S = USAGE, FAILED, SUCCESS
+# the schedule a key shapes, set beside it
+EXTRA = {"optim.transition_begin": ("optim.schedule=linear",),
+         "optim.transition_steps": ("optim.schedule=linear",),
+         "optim.decay_rate": ("optim.schedule=exponential",),
+         "optim.staircase": ("optim.schedule=exponential",)}
 # where the message names something other than the key (lower-cased fragments)
 SAYS = {("data.target", "[nope]"): "'nope'", ("data.features", "[nope]"): "'nope'",
         ("data.features", "[y]"): "both target and feature",
@@ -196,6 +201,10 @@ VALUES: dict[str, list[tuple[str, str]]] = {
     "optim.schedule": [("nosuch", U), ("cosine", S)],
     "optim.warmup_steps": [("-1", U), ("60", U), (HUGE, U), ("10", S)],
     "optim.final_lr_fraction": [("-0.1", U), ("1.5", U), ("nan", U), ("0.1", S)],
+    "optim.transition_begin": [("-1", U), ("60", U), (HUGE, U), ("10", S)],
+    "optim.transition_steps": [("0", U), ("-1", U), (HUGE, U), ("20", S)],
+    "optim.decay_rate": [("0", U), ("-1", U), ("nan", U), ("inf", U), ("0.5", S)],
+    "optim.staircase": [("true", S)],
     "optim.clip_norm": [("0", U), ("-1", U), ("nan", U), ("inf", U), ("1.0", S)],
     "optim.momentum": [("1", U), ("-0.1", U), ("nan", U), ("0.5", S)],
     "optim.weight_decay": [("-1", U), ("nan", U), ("inf", U), ("1e30", U), ("0.01", S)],
@@ -204,6 +213,8 @@ VALUES: dict[str, list[tuple[str, str]]] = {
     "trainer.log_every_steps": [("0", U), ("-1", U), (HUGE, U), ("1000", S)],
     "trainer.eval_every_steps": [("0", U), ("-1", U), (HUGE, U), ("7", S)],
     "trainer.on_nonfinite": [("nosuch", U), ("skip", S)],
+    "trainer.max_skipped_fraction": [("-0.1", U), ("1", U), ("nan", U), ("0.9", S)],
+    "trainer.divergence_factor": [("1", U), ("0", U), ("nan", U), ("inf", U), ("null", S)],
     "trainer.patience": [("-1", U), (HUGE, U), ("2", S)],
     "trainer.min_delta": [("-1", U), ("nan", U), ("0.01", S)],
     "trainer.progress": [("true", S)],
@@ -267,6 +278,7 @@ def build() -> list[Case]:
             wrong = ["[a]"]        # any scalar is a string
         files = {"t.csv": GOOD_CSV} if "data=csv" in select else {}
         start = () if select == TIED else BASE
+        select = (*select, *EXTRA.get(key, ()))
         for value in wrong:
             cases.append(Case((*start, *select, f"{key}={value}"), USAGE, key, files))
         for value, expected in VALUES[key]:
