@@ -127,6 +127,13 @@ HYDRA_SYNTAX = [
     (("-m", "optim.learning_rate=0.01,nan"), "nan"),
 ]
 
+# Inputs that pass every check and fail in training: the run (or each member's run and the
+# sweep's parent) ends FAILED with its error (case C24; issue 14, item 12).
+FAILURES = [
+    ("optim.learning_rate=1e30", "trainer.on_nonfinite=skip"),
+    ("-m", "seed=0,1", "optim.learning_rate=1e30"),
+]
+
 # Tracking URIs and names (issue 13 item 3, issue 14 item 13).
 TRACKING = [
     (("tracking.uri=sqlite://",), USAGE, "sqlite"),
@@ -286,6 +293,8 @@ def build() -> list[Case]:
             cases.append(Case((*start, *select, f"{key}={value}"), expected, says, files))
     for args, says in HYDRA_SYNTAX:
         cases.append(Case((*BASE, *args), USAGE, says))
+    for args in FAILURES:
+        cases.append(Case((*BASE, *args), FAILED))
     for args, expected, says in TRACKING:
         files = {"adir": None} if "adir" in args[0] else {}
         cases.append(Case((*BASE, *args), expected, says, files))

@@ -390,13 +390,17 @@ class SweepHandle:
         """
         if self.parent_run_id is None:
             return
-        failed = False
+        failed = 0
         for ret in returns:
             try:
-                failed |= bool(ret.return_value)
+                failed += bool(ret.return_value)
             except Exception:  # the job raised: JobReturn re-raises it on access
-                failed = True
+                failed += 1
         try:
+            if failed:  # a FAILED run says why (the children hold each member's error)
+                MlflowTracker(self._client, self.parent_run_id).set_tags(
+                    {"error": f"{failed} of {len(returns)} jobs of the sweep failed; each "
+                              "failed member's run has its error"})
             summarize_parent(self._client, self._experiment_id, self.parent_run_id,
                              num_groups=self.num_groups)
         finally:
