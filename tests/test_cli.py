@@ -547,9 +547,9 @@ def test_C24_finite_divergence_ends_failed(run_cli, tmp_path):
     assert losses and max(losses) < 1000 * first * 1.5, max(losses)
 
 
-def test_issue13_item3_short_run_logs_last_step_and_says_stride_leaves_few_points(
+def test_issue13_item5_short_run_logs_last_step_and_says_stride_leaves_few_points(
         run_cli, tmp_path):
-    """Issue 13.3: 7 steps of a CSV under the diabetes experiment (stride 10) logged the
+    """Issue 13.5: 7 steps of a CSV under the diabetes experiment (stride 10) logged the
     train loss at step 0 only, silently. Now the last step is logged too and the run says
     its stride leaves few points."""
     rows = [f"{i % 7},{(i * 3) % 11},{i % 7 + 0.5 * ((i * 3) % 11)}" for i in range(80)]

@@ -63,7 +63,7 @@ def test_a_member_whose_validation_loss_rises_stops_while_the_other_trains_on(sp
     assert slow.early_stopped_at_step is None and slow.failed_step is None
     assert "early_stopped_at_step" not in trackers[0].tags
     assert trackers[0].history("curves/val_loss")[-1][0] == num_steps - 1
-    assert trackers[0].history("curves/train_loss")[-1][0] == num_steps - 1  # issue 13.3
+    assert trackers[0].history("curves/train_loss")[-1][0] == num_steps - 1  # issue 13.5
     assert slow.best_step == num_steps - 1
 
     # the fast member: stopped early, a success with the record of its best step

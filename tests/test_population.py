@@ -340,7 +340,7 @@ def test_C24_a_member_whose_finite_loss_explodes_fails_alone(splits):
 
 
 @pytest.mark.parametrize("schedule", ["linear", "exponential"])
-def test_issue13_item5_linear_and_exponential_schedules_per_member(splits, schedule):
+def test_issue13_item7_linear_and_exponential_schedules_per_member(splits, schedule):
     """Issue 13.7: optim.schedule=linear and exponential are optax's linear_schedule and
     exponential_decay with their documented parameters; each member's rate and final
     fraction stay injected arrays: two members, one compilation, each logging its own
@@ -378,14 +378,14 @@ def test_issue13_item5_linear_and_exponential_schedules_per_member(splits, sched
     (["optim.schedule=exponential", "optim.decay_rate=0"], "optim.decay_rate=0"),
     (["optim.schedule=linear", "optim.transition_begin=60"], "less than trainer.num_steps"),
 ])
-def test_issue13_item5_schedule_keys_are_checked(overrides, message):
+def test_issue13_item7_schedule_keys_are_checked(overrides, message):
     from trainer.config import validate
 
     with pytest.raises(ConfigError, match=message):
         validate(compose_with(SMOKE, *overrides))
 
 
-def test_issue13_item2_deep_models_are_drawn_eagerly_with_the_same_bits(monkeypatch):
+def test_issue13_item4_deep_models_are_drawn_eagerly_with_the_same_bits(monkeypatch):
     """Issue 13.4: a deep stack spent minutes compiling its init as one program (one
     draw per layer; measured here: 100 s jitted, 8.8 s eager for 50 layers of width 4).
     Past JIT_INIT_MAX_LEAVES arrays the init runs eagerly, and draws the same params."""

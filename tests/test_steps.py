@@ -282,8 +282,8 @@ def test_c10_reported_step_time_matches_blocked_wall_time(diabetes):
 
 
 @pytest.mark.parametrize("steps", [100, 95])
-def test_issue13_item3_last_step_logged(diabetes, steps):
-    """Issue 13.3: the last step's loss and learning rate are logged even off the logging
+def test_issue13_item5_last_step_logged(diabetes, steps):
+    """Issue 13.5: the last step's loss and learning rate are logged even off the logging
     grid (99 and 94 with a stride of 10; 95 steps also leave a ragged last chunk), with
     the values a run that logs every step records there; the grid's points are
     unchanged; the gradient norm stays on the grid (computing it every step is what the
@@ -305,7 +305,7 @@ def test_issue13_item3_last_step_logged(diabetes, steps):
             assert value == pytest.approx(every[name][step], rel=1e-5), (name, step)
 
 
-def test_issue13_item4_progress_bar_shows_the_latest_loss_in_full(diabetes):
+def test_issue13_item6_progress_bar_shows_the_latest_loss_in_full(diabetes):
     """Issue 13.6: at the end of a partial chunk (7 steps, stride 10) the bar showed the
     step-0 loss, the last logged point; it shows the last step's loss now, and a huge
     loss as such (8.1e+30, not 0)."""
