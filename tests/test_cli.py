@@ -406,7 +406,8 @@ def test_parallel_jobs_on_new_store(tmp_path):
     assert len(runs) == 4
     assert len({r.info.run_id for r in runs}) == 4
     assert sorted(int(r.data.params["seed"]) for r in runs) == [0, 1, 2, 3]
-    expected = list(range(0, SMOKE_STEPS, log_every))
+    # every log_every-th step, and the last step (issue 13, item 5)
+    expected = [*range(0, SMOKE_STEPS, log_every), SMOKE_STEPS - 1]
     for run in runs:
         assert run.info.status == "FINISHED"
         assert [p.step for p in history(client, run.info.run_id, "curves/train_loss")] == expected

@@ -169,10 +169,13 @@ RESUMABLE = (SMOKE, f"trainer.num_steps={NUM_STEPS}", "trainer.steps_per_call=50
 
 
 def assert_curves_whole(client, run_id: str, num_steps: int, every: int) -> None:
-    """Every logged step from 0 to the end exactly once, in every curve."""
+    """Every logged step from 0 to the end exactly once, in every curve (the training
+    loss and learning rate also at the last step: issue 13, item 5)."""
+    last = [num_steps - 1] if (num_steps - 1) % every else []
     for name in ("curves/train_loss", "curves/grad_norm", "curves/learning_rate"):
         steps = [p.step for p in history(client, run_id, name)]
-        assert steps == list(range(0, num_steps, every)), name
+        assert steps == list(range(0, num_steps, every)) + (
+            last if name != "curves/grad_norm" else []), name
     val = [p.step for p in history(client, run_id, "curves/val_loss")]
     assert val == list(range(every - 1, num_steps, every)), "val_loss"
 
@@ -299,7 +302,8 @@ def test_a_finished_population_is_extended_in_its_own_runs(tmp_path):
         assert run.info.status == "FINISHED" and run.data.tags["resume_count"] == "1"
         if run.data.tags["population.role"] == "member":
             steps = [p.step for p in history(client, run.info.run_id, "curves/train_loss")]
-            assert steps == list(range(0, 120, 10))
+            # each segment's last step too (issue 13, item 5): 59 ended the first
+            assert steps == [*range(0, 60, 10), 59, *range(60, 120, 10), 119]
     parent = client.get_run(parent_id)
     assert parent.data.metrics["members"] == 3 and "best/val_loss" in parent.data.metrics
 
@@ -376,5 +380,7 @@ def test_a_remote_store_keeps_checkpoints_as_artifacts_and_resumes_elsewhere(tmp
     assert f"run {run_id} resumed from step 60 of 80" in out
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["resume_count"] == "1"
-    assert [p.step for p in history(client, run_id, "curves/train_loss")] == list(range(0, 80, 10))
+    # each segment's last step too (issue 13, item 5): 59 ended the first
+    assert [p.step for p in history(client, run_id, "curves/train_loss")] == \
+        [*range(0, 60, 10), 59, *range(60, 80, 10), 79]
     assert "checkpoints/80" in [a.path for a in client.list_artifacts(run_id, "checkpoints")]
