@@ -350,7 +350,9 @@ def open_store_here(store: Store, *, owner_pid: int | None = None):
         with _store_lock(store):
             if store.lock_path is not None:
                 _create_sqlite_store(Path(store.tracking_uri[len("sqlite:///"):]))
-            client = MlflowClient(tracking_uri=store.tracking_uri)
+            # MLflow's client reads the store's tables as it is made: a locked store
+            # fails there first, so it waits like every call after it
+            client = retry_busy(MlflowClient, tracking_uri=store.tracking_uri)
             # builds and migrates the store; waits for one locked by another process
             retry_busy(client.search_experiments, max_results=1)
             retry_busy(load_spills, client, store.tracking_uri, owner_pid or os.getpid())
