@@ -123,7 +123,7 @@ def test_issue13_item3_4_config_name_is_refused():
 @pytest.mark.parametrize(("overrides", "expected"), [
     (("seed=choice(0,abc)",), "seed='abc': expected an integer"),
     (("optim.learning_rate=0.01,-1",),
-     "sweep point 'optim.learning_rate=-1' (one of 2): optim.learning_rate=-1: must be"),
+     "sweep point 'optim.learning_rate=-1' (one of 2): optim.learning_rate=-1.0: must be"),
     (("seed=4294967295,0",), "sweep point 'seed=4294967295' (one of 2): seed=4294967295: must"),
     (("seed=0,1", "optim=momentum", "optim.momentum=0.5,1.5"),
      "'optim=momentum seed=0 optim.momentum=1.5' (one of 4): optim.momentum=1.5: must lie in"),
