@@ -49,6 +49,14 @@ class Case:
         return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _flags_first(*args: str) -> tuple[str, ...]:
+    """Hydra's flags (``-m``, ``--config-name``) before the overrides: its argparse takes
+    the overrides as one positional list, so an override before ``-m`` leaves the ones
+    after it 'unrecognized' (exit 2 from argparse, before the service is reached)."""
+    return (tuple(a for a in args if a.startswith("-"))
+            + tuple(a for a in args if not a.startswith("-")))
+
+
 def _schema_keys() -> list[tuple[str, tuple[str, ...], type]]:
     """``(key, options that select its kind, type)`` for every key a user can set."""
     out = []
@@ -292,9 +300,9 @@ def build() -> list[Case]:
             says = SAYS.get((key, value), key) if expected == USAGE else ""
             cases.append(Case((*start, *select, f"{key}={value}"), expected, says, files))
     for args, says in HYDRA_SYNTAX:
-        cases.append(Case((*BASE, *args), USAGE, says))
+        cases.append(Case(_flags_first(*BASE, *args), USAGE, says))
     for args in FAILURES:
-        cases.append(Case((*BASE, *args), FAILED))
+        cases.append(Case(_flags_first(*BASE, *args), FAILED))
     for args, expected, says in TRACKING:
         files = {"adir": None} if "adir" in args[0] else {}
         cases.append(Case((*BASE, *args), expected, says, files))
