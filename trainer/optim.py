@@ -168,7 +168,10 @@ def make_optimizer(optim, num_steps: int, *, clip: bool | None = None) -> Optimi
 
     def chain(learning_rate, final_lr_fraction=0.0, momentum=None, weight_decay=None,
               clip_norm=None):
-        schedule = schedule_for(learning_rate, final_lr_fraction)
+        # a constant rate is passed as a number: as a schedule, optax would keep and
+        # increment a step count of its own in every step, for nothing
+        schedule = (learning_rate if optim.schedule == "constant"
+                    else schedule_for(learning_rate, final_lr_fraction))
         if name == "sgd":
             tx = optax.sgd(schedule)
         elif name == "momentum":

@@ -211,9 +211,38 @@ def _members(state: TrainState) -> MemberState:
     return MemberState(*state[1:])
 
 
-# The early-stopping record: changed once per evaluation, never by a step.
-_BEST_FIELDS = ("best_val_loss", "best_step", "evals_since_best", "best_params",
-                "early_stop_step")
+
+
+# Rows of ``LeanMember.status``.
+ACTIVE, NONFINITE_STEP, NONFINITE_COUNT, DIVERGED_STEP = range(4)
+
+
+class LeanMember(NamedTuple):
+    """What a member's steps carry: its params, optimizer state and ``status``, ``(4,)``
+    int32: ``active`` (0 or 1), ``nonfinite_step``, ``nonfinite_count`` and
+    ``diverged_step`` of its ``MemberState``, packed.
+
+    Why packed: on XLA's CPU backend every op in a loop body has a fixed cost, and four
+    scalar records updated in four ops took ~5% of the seed model's steps/s (W1, the
+    100 x 100 tied net, 18 us a step); one vector is one op.
+    """
+
+    params: Any
+    opt_state: Any
+    status: jax.Array
+
+
+def lean_member(m: MemberState) -> LeanMember:
+    return LeanMember(m.params, m.opt_state, jnp.stack(
+        [m.active.astype(jnp.int32), m.nonfinite_step, m.nonfinite_count, m.diverged_step]))
+
+
+def from_lean(m: MemberState, lean: LeanMember) -> MemberState:
+    status = lean.status
+    return m._replace(params=lean.params, opt_state=lean.opt_state,
+                      active=status[ACTIVE] > 0, nonfinite_step=status[NONFINITE_STEP],
+                      nonfinite_count=status[NONFINITE_COUNT],
+                      diverged_step=status[DIVERGED_STEP])
 
 
 def init_train_state(params, optimizer: Optimizer, values: dict[str, jax.Array], *,
@@ -275,9 +304,10 @@ def make_member_step(graphdef, optimizer: Optimizer, loss_fn: LossFn, *,
     def objective(params, x, y):
         return loss_fn(nnx.merge(graphdef, params)(x), y)
 
-    def member_step(step, member: MemberState, batch):
+    def update(step, lean: LeanMember, initial_loss, batch):
         x, y = batch
-        params, opt_state, active = member.params, member.opt_state, member.active
+        params, opt_state, status = lean.params, lean.opt_state, lean.status
+        active = status[ACTIVE] > 0
         loss, grads = jax.value_and_grad(objective)(params, x, y)
         updates, new_opt_state = optimizer.tx.update(grads, opt_state, params)
         grad_norm = optax.tree.norm(grads)
@@ -290,7 +320,7 @@ def make_member_step(graphdef, optimizer: Optimizer, loss_fn: LossFn, *,
         if skip_nonfinite:
             finite &= jnp.isfinite(grad_norm)
         # a NaN initial loss (not yet computed, or not positive) compares False: no limit
-        diverged = (active & finite & (loss > divergence_factor * member.initial_loss)
+        diverged = (active & finite & (loss > divergence_factor * initial_loss)
                     if divergence_factor is not None else jnp.zeros((), bool))
         apply = finite & active & ~diverged
         if skip_nonfinite:  # the member goes on: keep its optimizer state as it was
@@ -300,19 +330,26 @@ def make_member_step(graphdef, optimizer: Optimizer, loss_fn: LossFn, *,
         # place; a stopped member's moments may go non-finite, but it never updates again.
         updates = jax.tree.map(lambda u: jnp.where(apply, u, jnp.zeros_like(u)), updates)
         bad = active & ~finite
-        new_member = member._replace(  # the early-stopping record passes through
-            params=optax.apply_updates(params, updates), opt_state=new_opt_state,
-            nonfinite_step=jnp.where((member.nonfinite_step < 0) & bad, step,
-                                     member.nonfinite_step),
-            nonfinite_count=member.nonfinite_count + bad.astype(jnp.int32),
-            active=(active if skip_nonfinite else active & ~bad) & ~diverged,
-            diverged_step=jnp.where((member.diverged_step < 0) & diverged, step,
-                                    member.diverged_step))
+        # The four records in one vector, one small op a step, not four (see LeanMember).
+        # Each row is computed from the same row of the old vector, so XLA updates it in
+        # place (a stack of the four new values made it copy the old vector first).
+        row = jnp.arange(4)
+        first = jnp.where(row == NONFINITE_STEP, bad, diverged) & (status < 0)
+        status = jnp.where(
+            row == ACTIVE,
+            ((active if skip_nonfinite else active & ~bad) & ~diverged).astype(jnp.int32),
+            jnp.where(row == NONFINITE_COUNT, status + bad.astype(jnp.int32),
+                      jnp.where(first, step, status)))
         metrics = {"train_loss": loss, "grad_norm": grad_norm,
                    "learning_rate": optimizer.learning_rate(opt_state, step), "finite": finite,
                    "active": active}
-        return new_member, metrics
+        return LeanMember(optax.apply_updates(params, updates), new_opt_state, status), metrics
 
+    def member_step(step, member: MemberState, batch):
+        lean, metrics = update(step, lean_member(member), member.initial_loss, batch)
+        return from_lean(member, lean), metrics
+
+    member_step.update = update
     return member_step
 
 
@@ -477,28 +514,44 @@ def make_train_chunk(train_step, graphdef, loss_fn: LossFn, *, num_steps: int,
                           pos[:, None] * batch_size + jnp.arange(batch_size)[None, :]]
             return data.x_train[rows], data.y_train[rows]
 
-        def one_step(carry, batch):
-            step, m = carry
+        update = member_step.update
+        # The last step's training loss, also off the logging grid (``last_step_loss``).
+        # Where the run ends on a block boundary that step is the last of a block: each
+        # block runs its last step on its own, one select a block. Else every step selects
+        # (single steps are masked there anyway).
+        per_step_last = bool(ragged and num_steps % block)
+
+        def one_step(carry, batch, last: bool = False):
+            step, lean, last_loss, initial_loss = carry
             batch = (data.x_train, data.y_train) if full_batch else batch
-            m, metrics = member_step(step, m, batch)
-            # the last step's loss, also off the block grid: a scalar select per step (its
-            # metrics row would cost a gradient norm, or a second copy of the block)
-            m = m._replace(last_step_loss=jnp.where(step == num_steps - 1,
-                                                    metrics["train_loss"], m.last_step_loss))
-            return (step + 1, m), {**metrics, "step": step}
+            lean, metrics = update(step, lean, initial_loss, batch)
+            if last or per_step_last:
+                last_loss = jnp.where(step == num_steps - 1, metrics["train_loss"], last_loss)
+            return (step + 1, lean, last_loss, initial_loss), {**metrics, "step": step}
 
         # Mask whole blocks when num_steps falls on a block boundary, else single steps.
-        step_fn = _masked(one_step, num_steps) if ragged and num_steps % block else one_step
+        masked = _masked(one_step, num_steps) if per_step_last else None
 
-        def steps(carry, n, *, first: bool):
-            """``n`` steps, their batches gathered at once; the first step's metrics."""
+        def step_fn(carry, batch, last: bool = False):
+            return masked(carry, batch) if per_step_last else one_step(carry, batch, last)
+
+        def steps(carry, n, *, first: bool, last: bool):
+            """``n`` steps, their batches gathered at once; the first step's metrics.
+            ``last``: these end a block (its last step runs on its own)."""
             xs = batches(carry[0], n)
-            metrics = None
+            at = lambda i: jax.tree.map(lambda a: a[i], xs)  # noqa: E731
+            alone = last and not per_step_last
+            metrics, lo, hi = None, 0, n
             if first:
-                carry, metrics = step_fn(carry, jax.tree.map(lambda a: a[0], xs))
-                xs = jax.tree.map(lambda a: a[1:], xs)
-            if xs[0].shape[0]:
-                carry, _ = lax.scan(lambda c, b: (step_fn(c, b)[0], None), carry, xs)
+                carry, metrics = step_fn(carry, at(0), last=alone and n == 1)
+                lo = 1
+            if alone and n > lo:
+                hi = n - 1
+            # index the gathered batches in place: scanning over ``xs[1:]`` would copy them
+            if hi > lo:
+                carry = lax.fori_loop(lo, hi, lambda i, c: step_fn(c, at(i))[0], carry)
+            if hi < n:
+                carry, _ = step_fn(carry, at(n - 1), last=True)
             return carry, metrics
 
         def val_loss(params):
@@ -526,15 +579,18 @@ def make_train_chunk(train_step, graphdef, loss_fn: LossFn, *, num_steps: int,
 
         def one_block(carry):
             start, m = carry
-            # the steps' loops carry the member without its early-stopping record
-            best = {name: getattr(m, name) for name in _BEST_FIELDS}
-            carry = (start, m._replace(**dict.fromkeys(_BEST_FIELDS, ())))
-            carry, metrics = steps(carry, sub, first=True)
-            if block > sub:
-                carry, _ = lax.scan(lambda c, _: (steps(c, sub, first=False)[0], None), carry,
-                                    None, length=block // sub - 1)
-            step, m = carry
-            m = m._replace(**best)
+            # the steps carry what they change, not the member's other records
+            carry = (start, lean_member(m), m.last_step_loss, m.initial_loss)
+            n_sub = block // sub
+            carry, metrics = steps(carry, sub, first=True, last=n_sub == 1)
+            if n_sub > 2:
+                carry, _ = lax.scan(
+                    lambda c, _: (steps(c, sub, first=False, last=False)[0], None), carry,
+                    None, length=n_sub - 2)
+            if n_sub > 1:
+                carry, _ = steps(carry, sub, first=False, last=True)
+            step, lean, last_loss, _ = carry
+            m = from_lean(m, lean)._replace(last_step_loss=last_loss)
             evaluated = (step > start) & ((step % eval_every_steps == 0) | (step == num_steps))
             nan = jnp.asarray(jnp.nan, jnp.float32)
             if patience:
