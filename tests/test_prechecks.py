@@ -262,7 +262,10 @@ def test_issue13_item2_backend_problems_stop_before_any_run(run_cli, tmp_path, e
     (("-m", SMOKE, "seed=4294967295,0"), "sweep point '+experiment=smoke seed=4294967295'"),
     ((SMOKE, "tracking.uri=sqlite://"), "in-memory"),
     ((SMOKE, "model.hidden=[100000,100000]"), "the training of this job needs at least"),
-], ids=["sweep-point", "in-memory-store", "memory"])
+    # Hydra's argparse took this one: its usage text and "unrecognized arguments" (corpus)
+    ((SMOKE, "-m", "seed=0,1"), "put -m before them: python -m trainer -m +experiment=smoke"),
+    ((SMOKE, "--nope"), "unrecognized arguments --nope"),
+], ids=["sweep-point", "in-memory-store", "memory", "flag-after-overrides", "unknown-flag"])
 def test_issue13_item3_cli_refuses_before_any_run(run_cli, tmp_path, args, expected):
     proc = run_cli(*args)
     assert_refused_before_any_run(proc, tmp_path, expected)

@@ -69,9 +69,12 @@ def main() -> int:
             signal.signal(signal.SIGINT, signals.on_sigint)
         from hydra._internal.utils import get_args_parser
 
-        args, _ = get_args_parser().parse_known_args(sys.argv[1:])
+        args, unknown = get_args_parser().parse_known_args(sys.argv[1:])
         runs = not (args.help or args.hydra_help or args.info or args.shell_completion
                     or args.cfg)
+        if unknown:  # Hydra's argparse would print its usage and exit 2: say why, in one line
+            print(f"config error: {_unrecognized(sys.argv[1:], unknown)}", file=sys.stderr)
+            return EXIT_USAGE
         # MLflow's import and the store's opening run in a second process while this one
         # imports JAX (store_process); first, so that they overlap everything below.
         if runs:
@@ -88,6 +91,21 @@ def main() -> int:
     finally:
         if store_process is not None:
             store_process.close()
+
+
+def _unrecognized(argv: list[str], unknown: list[str]) -> str:
+    """Why Hydra's parser left ``unknown`` over. It reads the overrides as one list, so
+    a flag typed after an override (``+experiment=x -m seed=0,1``) leaves every override
+    after the flag unrecognized (corpus, issue 13)."""
+    flags = [a for a in argv if a.startswith("-")]
+    late = [f for f in flags if any(not a.startswith("-") and argv.index(a) < argv.index(f)
+                                    for a in argv)]
+    if late and not any(u.startswith("-") for u in unknown):
+        example = " ".join(["python -m trainer", *flags, *(a for a in argv if a not in flags)])
+        return (f"{' '.join(unknown)}: Hydra reads the overrides after its flags; put "
+                f"{' '.join(late)} before them: {example}")
+    return (f"unrecognized arguments {' '.join(unknown)}: see python -m trainer --help "
+            f"(overrides are key=value, after any flags such as -m)")
 
 
 def _main(args, runs: bool) -> int:
