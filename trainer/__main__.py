@@ -98,8 +98,8 @@ def _unrecognized(argv: list[str], unknown: list[str]) -> str:
     a flag typed after an override (``+experiment=x -m seed=0,1``) leaves every override
     after the flag unrecognized (corpus, issue 13)."""
     flags = [a for a in argv if a.startswith("-")]
-    late = [f for f in flags if any(not a.startswith("-") and argv.index(a) < argv.index(f)
-                                    for a in argv)]
+    first = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
+    late = [a for a in argv[first:] if a.startswith("-")]
     if late and not any(u.startswith("-") for u in unknown):
         example = " ".join(["python -m trainer", *flags, *(a for a in argv if a not in flags)])
         return (f"{' '.join(unknown)}: Hydra reads the overrides after its flags; put "

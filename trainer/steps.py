@@ -211,8 +211,6 @@ def _members(state: TrainState) -> MemberState:
     return MemberState(*state[1:])
 
 
-
-
 # Rows of ``LeanMember.status``.
 ACTIVE, NONFINITE_STEP, NONFINITE_COUNT, DIVERGED_STEP = range(4)
 
@@ -529,11 +527,12 @@ def make_train_chunk(train_step, graphdef, loss_fn: LossFn, *, num_steps: int,
                 last_loss = jnp.where(step == num_steps - 1, metrics["train_loss"], last_loss)
             return (step + 1, lean, last_loss, initial_loss), {**metrics, "step": step}
 
-        # Mask whole blocks when num_steps falls on a block boundary, else single steps.
-        masked = _masked(one_step, num_steps) if per_step_last else None
-
-        def step_fn(carry, batch, last: bool = False):
-            return masked(carry, batch) if per_step_last else one_step(carry, batch, last)
+        # Mask whole blocks when num_steps falls on a block boundary, else single steps
+        # (each of which then keeps the last loss itself: ``last`` has nothing to add).
+        step_fn = one_step
+        if per_step_last:
+            masked = _masked(one_step, num_steps)
+            step_fn = lambda carry, batch, last=False: masked(carry, batch)  # noqa: E731
 
         def steps(carry, n, *, first: bool, last: bool):
             """``n`` steps, their batches gathered at once; the first step's metrics.
