@@ -293,6 +293,61 @@ def test_issue13_item10_store_read_only_mid_run(tmp_path):
     assert not list((tmp_path / "spill").glob("*.jsonl"))
 
 
+DIAGNOSE = """
+import sqlite3, sys
+from pathlib import Path
+from trainer.tracking import fault_message, store_fault
+for text in sys.argv[2:]:
+    err = sqlite3.OperationalError(text)
+    print(store_fault(err), "|", fault_message("sqlite:///" + sys.argv[1], store_fault(err), err))
+"""
+
+
+def test_issue13_item10_what_sqlite_calls_an_io_error_is_diagnosed(tmp_path):
+    """SQLite reports a folder made read-only mid-write as "disk I/O error" and then
+    "unable to open database file" (what failed stop 23's CI: a traceback instead of the
+    read-only message): both are store faults, and the message names the cause found on
+    disk: read-only when the CLI cannot write the folder, not read-only once it can."""
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "mlflow.db").write_bytes(b"x" * 4096)
+    texts = ["disk I/O error", "unable to open database file"]
+
+    def diagnose() -> list[list[str]]:
+        out = subprocess.run([*as_unprivileged(), sys.executable, "-c", DIAGNOSE,
+                              str(store / "mlflow.db"), *texts], cwd=REPO, check=True,
+                             capture_output=True, text=True).stdout
+        return [line.split(" | ") for line in out.splitlines()]
+
+    set_writable(store, False)
+    try:
+        lines = diagnose()
+    finally:
+        set_writable(store, True)
+    assert [kind for kind, _ in lines] == ["unavailable", "unavailable"]
+    for _, message in lines:
+        assert "became read-only" in message and str(store / "mlflow.db") in message, message
+    for _, message in diagnose():  # writable, with room: neither read-only nor full
+        assert "read-only" not in message and "disk is full" not in message, message
+        assert "cannot open or write its file" in message, message
+
+
+@needs_mount
+def test_issue13_item11_an_io_error_on_a_full_disk_names_the_full_disk(tmp_path):
+    """The same SQLite texts on a store whose disk is full read as a full disk."""
+    from trainer.tracking import fault_message, store_fault
+
+    with mounted(tmp_path / "small", "-t", "tmpfs", "-o", "size=256k", "tmpfs") as small:
+        (small / "mlflow.db").write_bytes(b"x" * 4096)
+        with contextlib.suppress(OSError), open(small / "filler", "wb") as filler:
+            while True:
+                filler.write(b"x" * 4096)
+                filler.flush()
+        err = __import__("sqlite3").OperationalError("disk I/O error")
+        message = fault_message(f"sqlite:///{small / 'mlflow.db'}", store_fault(err), err)
+    assert "disk is full" in message and "df -h" in message, message
+
+
 @pytest.mark.slow
 @needs_mount
 def test_issue13_item11_full_disk_mid_run(tmp_path):

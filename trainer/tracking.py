@@ -77,14 +77,21 @@ _FAULTS = (  # (kind, what SQLite / the OS says), first match wins
     ("locked", ("database is locked", "database table is locked")),
     ("read-only", ("readonly database", "read-only file system", "read only file system")),
     ("full", ("database or disk is full", "no space left", "file too large",
-              "disk quota exceeded", "disk i/o error")),
+              "disk quota exceeded")),
     ("half-migrated", ("duplicate column name",)),
+    # SQLite says these when it cannot open or write its file or journal: a folder made
+    # read-only mid-write, a full disk, a failing disk. fault_message looks at the file
+    # to tell which (CI of stop 23: a chmod mid-write read as "disk I/O error", then
+    # "unable to open database file" at close, and the job printed a traceback).
+    ("unavailable", ("disk i/o error", "unable to open database file")),
 )
 
 
 def store_fault(err: BaseException) -> str | None:
     """What a store error means: ``"locked"``, ``"read-only"``, ``"full"``,
-    ``"half-migrated"``, or None for any other error (a bug, a bad argument)."""
+    ``"half-migrated"``, ``"unavailable"`` (SQLite cannot open or write its file; which
+    cause, ``fault_message`` finds out), or None for any other error (a bug, a bad
+    argument)."""
     text = " ".join(str(err).lower().split())
     for kind, needles in _FAULTS:
         if any(n in text for n in needles):
@@ -118,11 +125,50 @@ def retry_busy(call, *args, **kwargs):
             delay = min(2 * delay, 8.0)
 
 
+# Below this many free bytes a SQLite store's disk counts as full: SQLite needs room for
+# its journal and a page or more, and a near-full disk reports "disk I/O error".
+FULL_BELOW_BYTES = 1 << 20
+
+
+def diagnose_sqlite(db: Path) -> str:
+    """Why SQLite cannot open or write ``db``, found by trying what it tries: open the
+    file for writing and create a file beside it (its journal). Returns ``"read-only"``
+    (permission or a read-only filesystem), ``"full"`` (no space, or less than
+    ``FULL_BELOW_BYTES`` free), or ``"unavailable"`` (neither: a disk or filesystem
+    error, a file that is gone)."""
+    import errno
+    import shutil
+    import tempfile
+
+    read_only = {errno.EACCES, errno.EPERM, errno.EROFS}
+    try:
+        if db.exists():  # a store being created is not there yet: its folder tells
+            os.close(os.open(db, os.O_WRONLY))  # opening for writing changes nothing
+        with tempfile.TemporaryFile(dir=db.parent):
+            pass
+    except OSError as err:
+        if err.errno in read_only:
+            return "read-only"
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return "full"
+        return "unavailable"
+    try:
+        if shutil.disk_usage(db.parent).free < FULL_BELOW_BYTES:
+            return "full"
+    except OSError:
+        pass
+    return "unavailable"
+
+
 def fault_message(store_uri: str, kind: str | None, err: BaseException) -> str:
-    """One line naming the store, what is wrong with it and what to do."""
+    """One line naming the store, what is wrong with it and what to do. For an
+    ``"unavailable"`` SQLite store the file is examined (``diagnose_sqlite``) to name
+    the cause."""
     where = store_uri
     if store_uri.startswith("sqlite:///"):
         where = str(Path(store_uri[len("sqlite:///"):]))
+        if kind == "unavailable":
+            kind = diagnose_sqlite(Path(where))
     fix = {"locked": f"it stayed locked by another process for more than {busy_wait_s():.0f} s "
                      "(a sqlite3 shell, a backup or another program holding a write "
                      "transaction); end that program, or raise TRAINER_STORE_BUSY_WAIT_S",
@@ -131,7 +177,10 @@ def fault_message(store_uri: str, kind: str | None, err: BaseException) -> str:
            "full": f"its disk is full (or a file size limit was reached); free space "
                    f"(df -h {Path(where).parent})",
            "half-migrated": "its schema is half-migrated (a migration stopped partway, e.g. "
-                            "on a full disk)"}.get(kind or "", "")
+                            "on a full disk)",
+           "unavailable": "SQLite cannot open or write its file (a disk or filesystem "
+                          "error, or the file was moved); check the disk and that the "
+                          "file is there"}.get(kind or "", "")
     detail = " ".join(str(err).split("[SQL:")[0].split())
     found = re.search(r"\((sqlite3\.\w+|psycopg\w*\.\w+)\) (.*)", detail)
     detail = (f"{found[1]}: {found[2]}" if found else detail)[:300]
@@ -361,7 +410,11 @@ def open_store_here(store: Store, *, owner_pid: int | None = None):
         raise
     except Exception as err:  # MLflow raises several types; all mean the same to the user
         kind = store_fault(err)
-        if kind is not None:
+        if kind == "unavailable" and store.lock_path is not None:
+            # before any run, a file SQLite cannot open is most often a wrong path (a
+            # folder, say): the generic message below names tracking.uri
+            kind = diagnose_sqlite(Path(store.tracking_uri[len("sqlite:///"):]))
+        if kind not in (None, "unavailable"):
             raise TrackingError(fault_message(store.tracking_uri, kind, err)
                                 + _half_migrated_hint(store, kind)) from None
         raise TrackingError(f"cannot open the tracking store {store.tracking_uri}: "
