@@ -307,7 +307,7 @@ def make_member_step(graphdef, optimizer: Optimizer, loss_fn: LossFn, *,
         params, opt_state, status = lean.params, lean.opt_state, lean.status
         active = status[ACTIVE] > 0
         loss, grads = jax.value_and_grad(objective)(params, x, y)
-        updates, new_opt_state = optimizer.tx.update(grads, opt_state, params)
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
         grad_norm = optax.tree.norm(grads)
         # A reduction over the whole gradient in every step halves a small net's steps/s
         # on CPU (it keeps XLA from fusing the update into the backward pass; measured on
