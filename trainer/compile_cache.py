@@ -15,7 +15,12 @@ cache: one warning, and the run compiles as it would without one.
 
 Small programs qualify: JAX by default caches only programs that took 1 s or more
 to compile; here every program does. The cache keeps its size under
-``MAX_BYTES``, least recently used entries first (JAX's own LRU).
+``MAX_BYTES``, least recently used entries first (JAX's own LRU). That LRU reads an
+access-time file beside every entry and, when one is missing, fails every later write
+to the folder (a warning per program, and nothing cached): a JAX process without a
+size limit (JAX's default, e.g. a user's notebook given the same
+``$JAX_COMPILATION_CACHE_DIR``) writes entries without one. ``enable`` gives such
+entries one (their write time), so they are evicted oldest first.
 """
 
 from __future__ import annotations
@@ -88,6 +93,7 @@ def enable(path: str | Path | None = None, *, on: bool = True) -> CacheStatus:
         warnings.warn(f"compilation cache off: {problem} (set trainer.compilation_cache_dir "
                       "to a writable folder, or trainer.compilation_cache=false)", stacklevel=2)
         return CacheStatus(None, problem)
+    _give_entries_access_times(folder)
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
@@ -115,6 +121,24 @@ def _listen() -> None:
 
     jax.monitoring.register_event_listener(on_event)
     _LISTENING = True
+
+
+# JAX's names for an entry and its access time (jax/_src/lru_cache.py)
+ENTRY_SUFFIX, ATIME_SUFFIX = "-cache", "-atime"
+
+
+def _give_entries_access_times(folder: Path) -> None:
+    """Write the missing access-time file of each entry in ``folder``: its write time,
+    as JAX's LRU stores times (nanoseconds, 8 bytes little-endian). A file that vanishes
+    meanwhile (another process evicting) is skipped."""
+    for entry in folder.glob(f"*{ENTRY_SUFFIX}"):
+        atime = entry.with_name(entry.name[:-len(ENTRY_SUFFIX)] + ATIME_SUFFIX)
+        if atime.exists():
+            continue
+        try:
+            atime.write_bytes(entry.stat().st_mtime_ns.to_bytes(8, "little"))
+        except OSError:
+            pass
 
 
 def _unwritable(folder: Path) -> str | None:
