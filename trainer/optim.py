@@ -141,8 +141,9 @@ class Optimizer:
         builds the chain from the state's values and calls it, as here, and then adds 1
         to its count, which it reads only for values that are schedules of it; here none
         is (schedules live inside the chain, with a count of their own), and that add
-        was one more op in every step of the loop (XLA's CPU backend has a fixed cost
-        an op: about 2% of the seed model's steps/s, W1)."""
+        was one more op in every step of the loop: one of the seed model's 20 (W1), each
+        a fixed few hundred nanoseconds of its 17 us step on XLA's CPU backend. The
+        values are used as stored (float32, as ``init`` writes them)."""
         inner = self.chain(**opt_state.hyperparams)
         updates, inner_state = inner.update(grads, opt_state.inner_state, params)
         return updates, opt_state._replace(inner_state=inner_state)
