@@ -129,14 +129,17 @@ ENTRY_SUFFIX, ATIME_SUFFIX = "-cache", "-atime"
 
 def _give_entries_access_times(folder: Path) -> None:
     """Write the missing access-time file of each entry in ``folder``: its write time,
-    as JAX's LRU stores times (nanoseconds, 8 bytes little-endian). A file that vanishes
-    meanwhile (another process evicting) is skipped."""
-    for entry in folder.glob(f"*{ENTRY_SUFFIX}"):
-        atime = entry.with_name(entry.name[:-len(ENTRY_SUFFIX)] + ATIME_SUFFIX)
-        if atime.exists():
+    as JAX's LRU stores times (nanoseconds, 8 bytes little-endian). One listing of the
+    folder finds them (a run's start-up: no call per entry when none is missing). A
+    file that vanishes meanwhile (another process evicting) is skipped."""
+    names = set(os.listdir(folder))
+    for name in names:
+        key = name.removesuffix(ENTRY_SUFFIX)
+        if key == name or key + ATIME_SUFFIX in names:  # not an entry, or it has its time
             continue
         try:
-            atime.write_bytes(entry.stat().st_mtime_ns.to_bytes(8, "little"))
+            stamp = (folder / name).stat().st_mtime_ns.to_bytes(8, "little")
+            (folder / (key + ATIME_SUFFIX)).write_bytes(stamp)
         except OSError:
             pass
 

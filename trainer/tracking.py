@@ -395,10 +395,11 @@ def open_store_here(store: Store, *, owner_pid: int | None = None):
     # its migration chatter, and its log of every failed query with the SQL and traceback:
     # the error is raised to us as well, and the job reports it once (issue 13 item 10)
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    db = Path(store.tracking_uri[len("sqlite:///"):]) if store.lock_path is not None else None
     try:
         with _store_lock(store):
-            if store.lock_path is not None:
-                _create_sqlite_store(Path(store.tracking_uri[len("sqlite:///"):]))
+            if db is not None:
+                _create_sqlite_store(db)
             # MLflow's client reads the store's tables as it is made: a locked store
             # fails there first, so it waits like every call after it
             client = retry_busy(MlflowClient, tracking_uri=store.tracking_uri)
@@ -410,10 +411,10 @@ def open_store_here(store: Store, *, owner_pid: int | None = None):
         raise
     except Exception as err:  # MLflow raises several types; all mean the same to the user
         kind = store_fault(err)
-        if kind == "unavailable" and store.lock_path is not None:
+        if kind == "unavailable" and db is not None:
             # before any run, a file SQLite cannot open is most often a wrong path (a
             # folder, say): the generic message below names tracking.uri
-            kind = diagnose_sqlite(Path(store.tracking_uri[len("sqlite:///"):]))
+            kind = diagnose_sqlite(db)
         if kind not in (None, "unavailable"):
             raise TrackingError(fault_message(store.tracking_uri, kind, err)
                                 + _half_migrated_hint(store, kind)) from None
