@@ -115,7 +115,12 @@ def test_issue13_item8_ctrl_c_twice_then_sigterm_while_closing(tmp_path):
     finally:
         stop(proc)
     output = log.read_text()
-    assert returncode == 130, output
+    # The SIGTERM goes 0.6 s after the first Ctrl-C if the process is still there. On a
+    # loaded machine that can be after the run closed, while the interpreter finalizes
+    # (Python has put the default handlers back), and SIGTERM then ends the process: -15,
+    # seen in a fresh-clone suite. Either way the run ended KILLED before, as it says.
+    assert returncode == 130 or (returncode == -signal.SIGTERM
+                                 and output.rstrip().endswith(f"resume={run_id}")), output
     assert f"run {run_id} ended KILLED" in output
     assert "Traceback" not in output, output
     run = client.get_run(run_id)
